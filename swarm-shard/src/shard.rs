@@ -1,0 +1,128 @@
+//! A span of consecutive blocks loaded together: what a server hosts.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use swarm_core::BlockRange;
+
+use crate::block::{LlamaBlock, StepContext};
+use crate::config::LlamaConfig;
+use crate::error::{Result, ShardError};
+use crate::kv_cache::{causal_mask, CacheBudget, SessionCache};
+use crate::rope::RotaryEmbedding;
+use crate::weights::{ModelFiles, WeightPrecision};
+
+/// Blocks `range` of a model, ready to compute. Immutable and shareable:
+/// every session brings its own [`SessionCache`].
+#[derive(Debug, Clone)]
+pub struct BlockShard {
+    config: Arc<LlamaConfig>,
+    range: BlockRange,
+    blocks: Vec<LlamaBlock>,
+    rope: RotaryEmbedding,
+    device: Device,
+}
+
+impl BlockShard {
+    /// Loads only the tensors of blocks `range` from `files`.
+    pub fn load(
+        files: &ModelFiles,
+        range: BlockRange,
+        device: &Device,
+        precision: WeightPrecision,
+    ) -> Result<Self> {
+        let config = files.config().clone();
+        range.check_within(config.num_hidden_layers as u32)?;
+        let mut reader = files.reader(device, precision)?;
+        let blocks = range
+            .iter()
+            .map(|i| LlamaBlock::load(&config, &mut reader, i as usize))
+            .collect::<Result<Vec<_>>>()?;
+        tracing::debug!(%range, path = %files.path().display(), "loaded block span");
+        Ok(Self {
+            rope: RotaryEmbedding::new(&config, device)?,
+            config: Arc::new(config),
+            range,
+            blocks,
+            device: device.clone(),
+        })
+    }
+
+    /// The span of blocks this shard computes.
+    pub fn range(&self) -> BlockRange {
+        self.range
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        self.blocks.iter().map(LlamaBlock::weight_bytes).sum()
+    }
+
+    /// Opens a session cache for this span, reserving room for `max_tokens`
+    /// positions from `budget`.
+    pub fn new_session(
+        &self,
+        max_tokens: usize,
+        budget: &Arc<CacheBudget>,
+    ) -> Result<SessionCache> {
+        SessionCache::new(&self.config, self.range, max_tokens, budget)
+    }
+
+    /// Runs the span on the hidden states of the next positions of a session.
+    ///
+    /// `hidden` is (1, new_positions, hidden_size); the result has the same
+    /// shape. Positions continue from what `cache` already holds.
+    pub fn forward(&self, hidden: &Tensor, cache: &mut SessionCache) -> Result<Tensor> {
+        let dims = hidden.dims();
+        let well_formed =
+            dims.len() == 3 && dims[0] == 1 && dims[1] > 0 && dims[2] == self.config.hidden_size;
+        if !well_formed {
+            return Err(ShardError::BadHiddenStates {
+                hidden: self.config.hidden_size,
+                actual: dims.to_vec(),
+            });
+        }
+        if cache.range() != self.range {
+            return Err(ShardError::BadSettings(format!(
+                "session cache is for blocks {} but this shard computes {}",
+                cache.range(),
+                self.range
+            )));
+        }
+        let seq = dims[1];
+        cache.check_room(seq)?;
+        let start = cache.len();
+        let mask = if seq > 1 {
+            // Rows are (query-head group, position); every group gets the same mask.
+            let mask = causal_mask(seq, start, &self.device)?;
+            Some(mask.repeat((self.config.gqa_group(), 1))?)
+        } else {
+            None
+        };
+        let ctx = StepContext {
+            rope: &self.rope,
+            start,
+            mask: mask.as_ref(),
+            max_tokens: cache.max_tokens(),
+        };
+        let mut xs = hidden.to_dtype(candle_core::DType::F32)?;
+        for (offset, block) in self.blocks.iter().enumerate() {
+            let kv = cache.layer(offset).ok_or_else(|| {
+                ShardError::BadSettings("session cache has fewer layers than the shard".into())
+            })?;
+            xs = block.forward(&xs, kv, &ctx)?;
+        }
+        cache.advance(seq);
+        Ok(xs)
+    }
+}

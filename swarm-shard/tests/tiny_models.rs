@@ -1,0 +1,408 @@
+//! Engine tests on tiny random models written as real GGUF / safetensors files.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use proptest::prelude::*;
+use swarm_core::BlockRange;
+use swarm_shard::tiny::TinyModelSpec;
+use swarm_shard::{
+    BlockShard, CacheBudget, ClientHead, Device, GenerateOptions, LocalModel, ModelFiles,
+    ShardError, Tensor, WeightPrecision,
+};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sherpa-tiny-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn tiny_gguf(spec: &TinyModelSpec, dtype: GgmlDType, name: &str) -> PathBuf {
+    let path = scratch(name).join("model.gguf");
+    spec.write_gguf(&path, dtype).unwrap();
+    path
+}
+
+/// Runs `ids` through `spans` in sequence and returns the final hidden states.
+fn hidden_through(files: &ModelFiles, spans: &[BlockRange], ids: &[u32]) -> Vec<f32> {
+    let dev = Device::Cpu;
+    let head = ClientHead::load(files, &dev, WeightPrecision::Native).unwrap();
+    let budget = CacheBudget::unlimited();
+    let mut xs = head.embed(ids).unwrap();
+    for span in spans {
+        let shard = BlockShard::load(files, *span, &dev, WeightPrecision::Native).unwrap();
+        let mut cache = shard.new_session(ids.len(), &budget).unwrap();
+        xs = shard.forward(&xs, &mut cache).unwrap();
+    }
+    xs.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-6);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+        / scale
+}
+
+#[test]
+fn gguf_and_safetensors_of_the_same_weights_agree() {
+    // The GGUF copy has llama.cpp-permuted Q/K rows and uses interleaved RoPE;
+    // the safetensors copy is in HF layout with rotate-half RoPE. Equal
+    // outputs show the permutation is handled.
+    let spec = TinyModelSpec {
+        tie_embeddings: false,
+        ..TinyModelSpec::default()
+    };
+    let gguf = ModelFiles::open(tiny_gguf(&spec, GgmlDType::F32, "agree")).unwrap();
+    let dir = scratch("agree-hf").join("model");
+    spec.write_hf_dir(&dir).unwrap();
+    let hf = ModelFiles::open(&dir).unwrap();
+    assert_eq!(gguf.config().num_hidden_layers, 4);
+    assert_eq!(hf.config().num_key_value_heads, 2);
+    let ids = [3, 17, 42, 99, 5, 200, 7];
+    let full = [BlockRange::full(4).unwrap()];
+    let a = hidden_through(&gguf, &full, &ids);
+    let b = hidden_through(&hf, &full, &ids);
+    let diff = max_rel_diff(&a, &b);
+    assert!(diff < 1e-5, "GGUF vs safetensors differ by {diff}");
+
+    // And the whole generation agrees.
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        stop_at_eos: false,
+        ..GenerateOptions::default()
+    };
+    let gen = |files: &ModelFiles| {
+        LocalModel::load(files, &[], &Device::Cpu, WeightPrecision::Native)
+            .unwrap()
+            .generate(&ids, &opts, &mut |_| Ok(true))
+            .unwrap()
+            .tokens
+    };
+    assert_eq!(gen(&gguf), gen(&hf));
+}
+
+#[test]
+fn incremental_decoding_matches_full_recompute() {
+    // Feeding tokens one by one through the KV cache must give the same last
+    // hidden state as running the whole sequence at once.
+    let spec = TinyModelSpec::default();
+    let files = ModelFiles::open(tiny_gguf(&spec, GgmlDType::F32, "incremental")).unwrap();
+    let dev = Device::Cpu;
+    let head = ClientHead::load(&files, &dev, WeightPrecision::Native).unwrap();
+    let shard = BlockShard::load(
+        &files,
+        BlockRange::full(4).unwrap(),
+        &dev,
+        WeightPrecision::Native,
+    )
+    .unwrap();
+    let budget = CacheBudget::unlimited();
+    let ids: Vec<u32> = (0..70).map(|i| (i * 37 % 256) as u32).collect();
+
+    let mut cache = shard.new_session(ids.len(), &budget).unwrap();
+    let all = shard
+        .forward(&head.embed(&ids).unwrap(), &mut cache)
+        .unwrap();
+    let last_all: Vec<f32> = all
+        .get(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+
+    // Prefill 5, then one at a time (crosses the 64-token cache growth).
+    let mut cache = shard.new_session(ids.len(), &budget).unwrap();
+    shard
+        .forward(&head.embed(&ids[..5]).unwrap(), &mut cache)
+        .unwrap();
+    let mut last = None;
+    for id in &ids[5..] {
+        last = Some(
+            shard
+                .forward(&head.embed(&[*id]).unwrap(), &mut cache)
+                .unwrap(),
+        );
+    }
+    assert_eq!(cache.len(), ids.len());
+    let last: Vec<f32> = last.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let diff = max_rel_diff(&last_all, &last);
+    assert!(diff < 1e-5, "incremental differs by {diff}");
+}
+
+#[test]
+fn quantized_types_load_and_stay_quantized() {
+    // K-quants pack 256 values a block: make every row a multiple of that.
+    let spec = TinyModelSpec {
+        hidden_size: 256,
+        intermediate_size: 512,
+        layers: 2,
+        ..TinyModelSpec::default()
+    };
+    let f32_files = ModelFiles::open(tiny_gguf(&spec, GgmlDType::F32, "qt-f32")).unwrap();
+    let range = BlockRange::full(2).unwrap();
+    let f32_shard =
+        BlockShard::load(&f32_files, range, &Device::Cpu, WeightPrecision::Native).unwrap();
+    let ids = [1u32, 2, 3, 4, 5, 6, 7, 8];
+    let reference = hidden_through(&f32_files, &[range], &ids);
+    for (dtype, max_ratio, tolerance) in [
+        (GgmlDType::F16, 0.55, 2e-3),
+        (GgmlDType::Q8_0, 0.30, 0.05),
+        (GgmlDType::Q4_0, 0.20, 0.3),
+        (GgmlDType::Q4_1, 0.22, 0.3),
+        (GgmlDType::Q4K, 0.20, 0.3),
+        (GgmlDType::Q6K, 0.25, 0.1),
+    ] {
+        let files = ModelFiles::open(tiny_gguf(&spec, dtype, &format!("qt-{dtype:?}"))).unwrap();
+        let shard = BlockShard::load(&files, range, &Device::Cpu, WeightPrecision::Native).unwrap();
+        let ratio = shard.weight_bytes() as f64 / f32_shard.weight_bytes() as f64;
+        // f16 weights are widened to f32 for CPU matmuls; quantized ones are not.
+        if dtype != GgmlDType::F16 {
+            assert!(
+                ratio < max_ratio,
+                "{dtype:?} holds {ratio:.2} of the f32 bytes"
+            );
+        }
+        let out = hidden_through(&files, &[range], &ids);
+        let diff = max_rel_diff(&reference, &out);
+        assert!(diff < tolerance, "{dtype:?} output off by {diff}");
+        // Dequantized to f32 the same file must still load and compute.
+        let dense = BlockShard::load(&files, range, &Device::Cpu, WeightPrecision::F32).unwrap();
+        assert!(dense.weight_bytes() >= f32_shard.weight_bytes());
+    }
+}
+
+#[test]
+fn kv_budget_refuses_sessions_instead_of_growing() {
+    let spec = TinyModelSpec::default();
+    let files = ModelFiles::open(tiny_gguf(&spec, GgmlDType::Q8_0, "budget")).unwrap();
+    let shard = BlockShard::load(
+        &files,
+        BlockRange::new(0, 2).unwrap(),
+        &Device::Cpu,
+        WeightPrecision::Native,
+    )
+    .unwrap();
+    // 2 blocks * 2 (k,v) * 2 kv heads * 16 dims * 4 bytes = 512 bytes a token.
+    let per_token = 512;
+    let budget = CacheBudget::new(per_token * 100);
+    let first = shard.new_session(60, &budget).unwrap();
+    assert_eq!(first.reserved_bytes(), per_token * 60);
+    let err = shard.new_session(60, &budget).unwrap_err();
+    assert!(
+        matches!(err, ShardError::CacheBudgetExceeded { available, .. } if available == per_token * 40),
+        "{err}"
+    );
+    let mut second = shard.new_session(40, &budget).unwrap();
+    drop(first);
+    assert_eq!(budget.used(), per_token * 40);
+
+    // A session cannot outgrow what it reserved.
+    let head = ClientHead::load(&files, &Device::Cpu, WeightPrecision::Native).unwrap();
+    let ids: Vec<u32> = (0..41).collect();
+    let err = shard
+        .forward(&head.embed(&ids).unwrap(), &mut second)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ShardError::SessionFull {
+                capacity: 40,
+                adding: 41,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // ...and the refused step left it usable.
+    shard
+        .forward(&head.embed(&ids[..40]).unwrap(), &mut second)
+        .unwrap();
+    assert_eq!(second.len(), 40);
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let spec = TinyModelSpec::default();
+    let path = tiny_gguf(&spec, GgmlDType::Q8_0, "bad");
+    let files = ModelFiles::open(&path).unwrap();
+    let dev = Device::Cpu;
+
+    // Range outside the model.
+    let err = BlockShard::load(
+        &files,
+        BlockRange::new(2, 9).unwrap(),
+        &dev,
+        WeightPrecision::Native,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("outside the model's 4 blocks"),
+        "{err}"
+    );
+
+    // Hidden states of the wrong width.
+    let shard = BlockShard::load(
+        &files,
+        BlockRange::new(0, 1).unwrap(),
+        &dev,
+        WeightPrecision::Native,
+    )
+    .unwrap();
+    let mut cache = shard.new_session(8, &CacheBudget::unlimited()).unwrap();
+    let wrong = Tensor::zeros((1, 3, 63), candle_core::DType::F32, &dev).unwrap();
+    let err = shard.forward(&wrong, &mut cache).unwrap_err();
+    assert!(
+        matches!(err, ShardError::BadHiddenStates { hidden: 64, .. }),
+        "{err}"
+    );
+
+    // Token ids past the vocabulary.
+    let head = ClientHead::load(&files, &dev, WeightPrecision::Native).unwrap();
+    assert!(matches!(
+        head.embed(&[256]),
+        Err(ShardError::BadTokenId {
+            id: 256,
+            vocab: 256
+        })
+    ));
+
+    // A truncated file.
+    let bytes = std::fs::read(&path).unwrap();
+    let truncated = path.with_file_name("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).unwrap();
+    let err = ModelFiles::open(&truncated).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+
+    // Not a GGUF file at all.
+    let garbage = path.with_file_name("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a model").unwrap();
+    let err = ModelFiles::open(&garbage).unwrap_err();
+    assert!(matches!(err, ShardError::BadModelFile { .. }), "{err}");
+
+    // Missing file.
+    let err = ModelFiles::open(path.with_file_name("nope.gguf")).unwrap_err();
+    assert!(matches!(err, ShardError::Io { .. }), "{err}");
+}
+
+#[test]
+fn wrong_architecture_and_missing_tensors_are_named() {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let dir = scratch("arch");
+    let write = |path: &PathBuf, arch: &str, with_tensor: bool| {
+        let md = [
+            (
+                "general.architecture",
+                gguf_file::Value::String(arch.into()),
+            ),
+            ("llama.block_count", gguf_file::Value::U32(1)),
+            ("llama.embedding_length", gguf_file::Value::U32(64)),
+            ("llama.feed_forward_length", gguf_file::Value::U32(128)),
+            ("llama.attention.head_count", gguf_file::Value::U32(4)),
+            ("llama.vocab_size", gguf_file::Value::U32(32)),
+        ];
+        let md: Vec<_> = md.iter().map(|(k, v)| (*k, v)).collect();
+        let t = QTensor::quantize(
+            &Tensor::ones(64, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
+        let tensors: Vec<(&str, &QTensor)> = if with_tensor {
+            vec![("blk.0.attn_norm.weight", &t)]
+        } else {
+            vec![]
+        };
+        gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md, &tensors).unwrap();
+    };
+    let falcon = dir.join("falcon.gguf");
+    write(&falcon, "falcon", false);
+    let err = ModelFiles::open(&falcon).unwrap_err();
+    assert!(
+        matches!(&err, ShardError::UnsupportedArchitecture { architecture, .. } if architecture == "falcon"),
+        "{err}"
+    );
+
+    let partial = dir.join("partial.gguf");
+    write(&partial, "llama", true);
+    let files = ModelFiles::open(&partial).unwrap();
+    let err = BlockShard::load(
+        &files,
+        BlockRange::new(0, 1).unwrap(),
+        &Device::Cpu,
+        WeightPrecision::Native,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, ShardError::MissingTensor { name, .. } if name == "blk.0.attn_q.weight"),
+        "{err}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Any split of the blocks into consecutive shards computes the same
+    /// hidden states as one shard holding them all.
+    #[test]
+    fn any_split_matches_the_whole(
+        layers in 2usize..7,
+        cuts in proptest::collection::vec(1u32..7, 0..4),
+        seed in 0u64..1000,
+        seq in 1usize..9,
+    ) {
+        let spec = TinyModelSpec { layers, seed, hidden_size: 32, intermediate_size: 64, heads: 4, kv_heads: 1, ..TinyModelSpec::default() };
+        let files = ModelFiles::open(tiny_gguf(&spec, GgmlDType::F32, &format!("split-{layers}-{seed}"))).unwrap();
+        let mut bounds: Vec<u32> = cuts.into_iter().filter(|c| (*c as usize) < layers).collect();
+        bounds.push(0);
+        bounds.push(layers as u32);
+        bounds.sort_unstable();
+        bounds.dedup();
+        let spans: Vec<BlockRange> = bounds.windows(2).map(|w| BlockRange::new(w[0], w[1]).unwrap()).collect();
+        let ids: Vec<u32> = (0..seq as u32).map(|i| (i * 31 + seed as u32) % 256).collect();
+        let whole = hidden_through(&files, &[BlockRange::full(layers as u32).unwrap()], &ids);
+        let split = hidden_through(&files, &spans, &ids);
+        let diff = max_rel_diff(&whole, &split);
+        prop_assert!(diff < 1e-5, "spans {:?} differ by {}", spans, diff);
+    }
+}
+
+#[test]
+fn shards_are_shareable_across_threads() {
+    let spec = TinyModelSpec::default();
+    let files = ModelFiles::open(tiny_gguf(&spec, GgmlDType::Q8_0, "threads")).unwrap();
+    let model = LocalModel::load(&files, &[], &Device::Cpu, WeightPrecision::Native).unwrap();
+    let model = Arc::new(model);
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        stop_at_eos: false,
+        ..GenerateOptions::default()
+    };
+    let expected = model
+        .generate(&[1, 2, 3], &opts, &mut |_| Ok(true))
+        .unwrap()
+        .tokens;
+    let outputs: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let model = Arc::clone(&model);
+                let opts = opts.clone();
+                s.spawn(move || {
+                    model
+                        .generate(&[1, 2, 3], &opts, &mut |_| Ok(true))
+                        .unwrap()
+                        .tokens
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(expected.len(), 8);
+    for out in outputs {
+        assert_eq!(out, expected);
+    }
+}
