@@ -1,5 +1,7 @@
 //! Engine tests on tiny random models written as real GGUF / safetensors files.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
