@@ -109,9 +109,18 @@ pub enum ShardError {
     #[error("{0}")]
     UnsupportedCpu(String),
     /// A tensor operation failed inside candle.
-    #[error("tensor computation failed: {0}")]
+    #[error("tensor computation failed: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
 }
 
 /// Result alias for the engine.
 pub type Result<T, E = ShardError> = std::result::Result<T, E>;
+
+/// candle's error text without the backtrace it attaches when
+/// `RUST_BACKTRACE` is set: users need the message, not candle's stack.
+pub(crate) fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
+}

@@ -12,7 +12,7 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::LlamaConfig;
-use crate::error::{Result, ShardError};
+use crate::error::{candle_message, Result, ShardError};
 use crate::linear::Linear;
 
 /// How weights are held in memory.
@@ -226,7 +226,7 @@ impl ModelFiles {
         })?;
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| bad(format!("not a readable GGUF file ({e})")))?;
+            .map_err(|e| bad(format!("not a readable GGUF file ({})", candle_message(&e))))?;
         // A truncated download is the most common broken file: find it now,
         // with a message that says so, instead of failing on some later read.
         for (name, info) in &content.tensor_infos {
@@ -451,7 +451,7 @@ impl WeightReader<'_> {
                     .tensor(reader, &file_name, &self.device)
                     .map_err(|e| ShardError::BadModelFile {
                         path: path.clone(),
-                        reason: format!("reading tensor {file_name:?}: {e}"),
+                        reason: format!("reading tensor {file_name:?}: {}", candle_message(&e)),
                     })?;
                 let dense = self.precision == WeightPrecision::F32
                     || qtensor.shape().rank() == 1
@@ -516,8 +516,8 @@ fn load_safetensors_tensor(path: &Path, name: &str, device: &Device) -> Result<T
     // values, never unsound memory access beyond the map, as with any mmap
     // reader of model files.
     let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-        .map_err(|e| bad(format!("cannot map safetensors: {e}")))?;
+        .map_err(|e| bad(format!("cannot map safetensors: {}", candle_message(&e))))?;
     tensors
         .load(name, device)
-        .map_err(|e| bad(format!("reading tensor {name:?}: {e}")))
+        .map_err(|e| bad(format!("reading tensor {name:?}: {}", candle_message(&e))))
 }

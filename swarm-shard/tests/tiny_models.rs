@@ -286,6 +286,8 @@ fn bad_inputs_get_clear_errors() {
     std::fs::write(&garbage, b"this is not a model").unwrap();
     let err = ModelFiles::open(&garbage).unwrap_err();
     assert!(matches!(err, ShardError::BadModelFile { .. }), "{err}");
+    // One line a person can read, even with RUST_BACKTRACE set.
+    assert!(!err.to_string().contains('\n'), "{err}");
 
     // Missing file.
     let err = ModelFiles::open(path.with_file_name("nope.gguf")).unwrap_err();
