@@ -287,6 +287,23 @@ mod simd {
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
         }
 
+        /// Lane-wise products of a block's 32 weights (four groups of eight)
+        /// with the 32 floats at `xp`.
+        ///
+        /// # Safety
+        /// `xp` must point at 32 readable floats.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn dot32(w: [__m256; 4], xp: *const f32) -> __m256 {
+            // SAFETY: the caller guarantees 32 floats at xp.
+            unsafe {
+                let mut blk = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
+                blk = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), blk);
+                blk = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), blk);
+                _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), blk)
+            }
+        }
+
         /// # Safety
         /// Needs AVX2 + FMA; `x` and `x_sums` must cover every block of `row`.
         #[target_feature(enable = "avx2,fma")]
@@ -304,17 +321,14 @@ mod simd {
                     let lo = _mm_and_si128(qs, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
                     let xp = x.as_ptr().add(b * QK);
-                    let mut blk = _mm256_mul_ps(u8x8(lo), _mm256_loadu_ps(xp));
-                    blk = _mm256_fmadd_ps(
-                        u8x8(_mm_srli_si128(lo, 8)),
-                        _mm256_loadu_ps(xp.add(8)),
-                        blk,
-                    );
-                    blk = _mm256_fmadd_ps(u8x8(hi), _mm256_loadu_ps(xp.add(16)), blk);
-                    blk = _mm256_fmadd_ps(
-                        u8x8(_mm_srli_si128(hi, 8)),
-                        _mm256_loadu_ps(xp.add(24)),
-                        blk,
+                    let blk = dot32(
+                        [
+                            u8x8(lo),
+                            u8x8(_mm_srli_si128(lo, 8)),
+                            u8x8(hi),
+                            u8x8(_mm_srli_si128(hi, 8)),
+                        ],
+                        xp,
                     );
                     acc = _mm256_fmadd_ps(d, blk, acc);
                 }
@@ -335,17 +349,14 @@ mod simd {
                     let q0 = _mm_loadu_si128(block.as_ptr().add(2) as *const __m128i);
                     let q1 = _mm_loadu_si128(block.as_ptr().add(18) as *const __m128i);
                     let xp = x.as_ptr().add(b * QK);
-                    let mut blk = _mm256_mul_ps(i8x8(q0), _mm256_loadu_ps(xp));
-                    blk = _mm256_fmadd_ps(
-                        i8x8(_mm_srli_si128(q0, 8)),
-                        _mm256_loadu_ps(xp.add(8)),
-                        blk,
-                    );
-                    blk = _mm256_fmadd_ps(i8x8(q1), _mm256_loadu_ps(xp.add(16)), blk);
-                    blk = _mm256_fmadd_ps(
-                        i8x8(_mm_srli_si128(q1, 8)),
-                        _mm256_loadu_ps(xp.add(24)),
-                        blk,
+                    let blk = dot32(
+                        [
+                            i8x8(q0),
+                            i8x8(_mm_srli_si128(q0, 8)),
+                            i8x8(q1),
+                            i8x8(_mm_srli_si128(q1, 8)),
+                        ],
+                        xp,
                     );
                     acc = _mm256_fmadd_ps(d, blk, acc);
                 }
