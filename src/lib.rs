@@ -8,6 +8,7 @@
 //! the engine ([`shard`]) and the model cache ([`model_store`]); the network
 //! layer grows in [`dht`].
 
+pub mod bench;
 mod error;
 pub mod model_store;
 

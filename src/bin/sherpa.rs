@@ -54,6 +54,18 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
     },
+    /// Measure speed on the default model; comparisons are ratios from one run.
+    Bench {
+        /// One JSON object per line: name, value, unit (+ ratio, target).
+        #[arg(long)]
+        json: bool,
+        /// Tokens per decode measurement.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        /// Measurements per figure (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -119,6 +131,11 @@ fn main() -> ExitCode {
             prompt,
             max_new_tokens,
         } => demo(servers, &prompt, max_new_tokens),
+        Command::Bench {
+            json,
+            tokens,
+            repeats,
+        } => bench(json, tokens, repeats),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -274,4 +291,20 @@ fn demo(servers: u32, prompt: &str, max_new_tokens: usize) -> Result<(), SherpaE
         ..GenerateOptions::default()
     };
     run_and_print(&model, &tokenizer, &ids, &options)
+}
+
+fn bench(json: bool, tokens: usize, repeats: usize) -> Result<(), SherpaError> {
+    let path = model_store::resolve_model(DEFAULT_MODEL, &mut fetch_progress())?;
+    if !json && !cfg!(feature = "bench-baseline") {
+        eprintln!("(built without feature bench-baseline: no candle-transformers side-by-side)");
+    }
+    let settings = sherpa_swarm::bench::BenchSettings {
+        new_tokens: tokens.max(2),
+        repeats,
+    };
+    let mut stdout = std::io::stdout().lock();
+    sherpa_swarm::bench::run_local(&path, &settings, &mut |record| {
+        let line = if json { record.to_json() } else { record.to_text() };
+        let _ = writeln!(stdout, "{line}");
+    })
 }

@@ -16,6 +16,8 @@ pub struct ClientHead {
     final_norm: Tensor,
     lm_head: Linear,
     device: Device,
+    weight_bytes: usize,
+    lm_head_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -32,10 +34,15 @@ impl ClientHead {
         let mut reader = files.reader(device, precision)?;
         let embedding_weight = reader.load(WeightName::Embedding)?;
         let final_norm = reader.load_vector(WeightName::FinalNorm)?;
-        let lm_head = if files.has(WeightName::LmHead) {
-            reader.load(WeightName::LmHead)?.into_linear()?
+        let mut weight_bytes = embedding_weight.size_in_bytes() + config.hidden_size * 4;
+        let (lm_head, lm_head_bytes) = if files.has(WeightName::LmHead) {
+            let head = reader.load(WeightName::LmHead)?;
+            let bytes = head.size_in_bytes();
+            weight_bytes += bytes;
+            (head.into_linear()?, bytes)
         } else {
-            embedding_weight.clone().into_linear()?
+            let bytes = embedding_weight.size_in_bytes();
+            (embedding_weight.clone().into_linear()?, bytes)
         };
         let embedding = match embedding_weight {
             LoadedWeight::Quantized(q) => Embedding::Quantized(q),
@@ -47,7 +54,19 @@ impl ClientHead {
             final_norm,
             lm_head,
             device: device.clone(),
+            weight_bytes,
+            lm_head_bytes,
         })
+    }
+
+    /// Bytes of weights held (embedding table, final norm, separate LM head).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Bytes of the LM head, read in full for every generated token.
+    pub fn lm_head_bytes(&self) -> usize {
+        self.lm_head_bytes
     }
 
     /// The model's hyper-parameters.
