@@ -121,7 +121,11 @@ pub fn run_local(
     ));
     // Every generated token reads all block weights and the whole LM head.
     let bytes_per_token = (block_bytes + model.head().lm_head_bytes()) as f64;
-    report(BenchRecord::plain("weight_bytes_read_per_token", bytes_per_token, "bytes"));
+    report(BenchRecord::plain(
+        "weight_bytes_read_per_token",
+        bytes_per_token,
+        "bytes",
+    ));
 
     let options = GenerateOptions {
         max_new_tokens: settings.new_tokens,
@@ -130,7 +134,10 @@ pub fn run_local(
     };
     let ours = || -> Result<(f64, f64), SherpaError> {
         let out = model.generate(&PROMPT, &options, &mut |_| Ok(true))?;
-        Ok((out.decode_tokens_per_second(), out.prefill_tokens_per_second()))
+        Ok((
+            out.decode_tokens_per_second(),
+            out.prefill_tokens_per_second(),
+        ))
     };
     #[cfg(feature = "bench-baseline")]
     let mut baseline = baseline::CandleTransformers::load(path)?;
@@ -152,12 +159,20 @@ pub fn run_local(
         their_decode.push(baseline.decode(&PROMPT, settings.new_tokens)?);
     }
     let decode = median(our_decode);
-    report(BenchRecord::plain("local_prefill_16", median(our_prefill), "tokens/s"));
+    report(BenchRecord::plain(
+        "local_prefill_16",
+        median(our_prefill),
+        "tokens/s",
+    ));
     report(BenchRecord::plain("local_decode", decode, "tokens/s"));
     #[cfg(feature = "bench-baseline")]
     {
         let theirs = median(their_decode);
-        report(BenchRecord::plain("candle_transformers_decode", theirs, "tokens/s"));
+        report(BenchRecord::plain(
+            "candle_transformers_decode",
+            theirs,
+            "tokens/s",
+        ));
         report(BenchRecord {
             name: "local_decode_vs_candle_transformers".into(),
             value: decode,
@@ -168,9 +183,17 @@ pub fn run_local(
     }
 
     let bandwidth = copy_bandwidth();
-    report(BenchRecord::plain("memory_copy_bandwidth", bandwidth, "bytes/s"));
+    report(BenchRecord::plain(
+        "memory_copy_bandwidth",
+        bandwidth,
+        "bytes/s",
+    ));
     let ceiling = bandwidth / bytes_per_token;
-    report(BenchRecord::plain("decode_bandwidth_ceiling", ceiling, "tokens/s"));
+    report(BenchRecord::plain(
+        "decode_bandwidth_ceiling",
+        ceiling,
+        "tokens/s",
+    ));
     report(BenchRecord {
         name: "local_decode_vs_bandwidth_ceiling".into(),
         value: decode,
@@ -221,14 +244,17 @@ mod baseline {
                 path: path.to_owned(),
                 source,
             })?;
-            let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(err)?;
+            let content =
+                candle_core::quantized::gguf_file::Content::read(&mut file).map_err(err)?;
             let model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).map_err(err)?;
             Ok(Self { model })
         }
 
         /// Greedy decode; returns tokens/s after the first token, like ours.
         pub fn decode(&mut self, prompt: &[u32], new_tokens: usize) -> Result<f64, SherpaError> {
-            let input = Tensor::new(prompt, &Device::Cpu).and_then(|t| t.unsqueeze(0)).map_err(err)?;
+            let input = Tensor::new(prompt, &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(err)?;
             let mut logits = self.model.forward(&input, 0).map_err(err)?;
             let started = Instant::now();
             for i in 1..new_tokens {
@@ -237,8 +263,13 @@ mod baseline {
                     .and_then(|l| l.argmax(0))
                     .and_then(|t| t.to_scalar::<u32>())
                     .map_err(err)?;
-                let input = Tensor::new(&[next], &Device::Cpu).and_then(|t| t.unsqueeze(0)).map_err(err)?;
-                logits = self.model.forward(&input, prompt.len() + i - 1).map_err(err)?;
+                let input = Tensor::new(&[next], &Device::Cpu)
+                    .and_then(|t| t.unsqueeze(0))
+                    .map_err(err)?;
+                logits = self
+                    .model
+                    .forward(&input, prompt.len() + i - 1)
+                    .map_err(err)?;
             }
             Ok((new_tokens - 1) as f64 / started.elapsed().as_secs_f64().max(1e-9))
         }

@@ -304,7 +304,11 @@ fn bench(json: bool, tokens: usize, repeats: usize) -> Result<(), SherpaError> {
     };
     let mut stdout = std::io::stdout().lock();
     sherpa_swarm::bench::run_local(&path, &settings, &mut |record| {
-        let line = if json { record.to_json() } else { record.to_text() };
+        let line = if json {
+            record.to_json()
+        } else {
+            record.to_text()
+        };
         let _ = writeln!(stdout, "{line}");
     })
 }

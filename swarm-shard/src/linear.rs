@@ -17,7 +17,6 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
 use crate::error::Result;
 
@@ -69,6 +68,11 @@ pub struct ExactQuantized {
     /// The blocks live in the candle tensor; on CPU reading them borrows.
     qtensor: Arc<QTensor>,
 }
+
+/// The output buffer of a gemv, written by several threads at disjoint rows.
+struct SharedOut(*mut f32);
+// SAFETY: only used by `gemv`, whose threads write disjoint elements.
+unsafe impl Sync for SharedOut {}
 
 /// Up to this many rows go through the fused kernel; larger batches
 /// dequantize the matrix once and use a dense matmul.
@@ -150,20 +154,29 @@ impl ExactQuantized {
         let row_bytes = blocks * self.format.block_bytes();
         // Block sums of x, for the Q4_1 offset and Q4_0's implicit -8.
         let x_sums: Vec<f32> = x.chunks_exact(QK).map(|c| c.iter().sum()).collect();
-        const CHUNK: usize = 64;
-        out.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(chunk, out_rows)| {
-                for (i, o) in out_rows.iter_mut().enumerate() {
-                    let row = chunk * CHUNK + i;
-                    let bytes = &data[row * row_bytes..(row + 1) * row_bytes];
-                    *o = match self.format {
-                        BlockFormat::Q4_1 => simd::dot_q4_1(bytes, x, &x_sums),
-                        BlockFormat::Q4_0 => dot_q4_0(bytes, x, &x_sums),
-                        BlockFormat::Q8_0 => simd::dot_q8_0(bytes, x),
-                    };
-                }
-            });
+        let dot = |row: usize| {
+            let bytes = &data[row * row_bytes..(row + 1) * row_bytes];
+            match self.format {
+                BlockFormat::Q4_1 => simd::dot_q4_1(bytes, x, &x_sums),
+                BlockFormat::Q4_0 => dot_q4_0(bytes, x, &x_sums),
+                BlockFormat::Q8_0 => simd::dot_q8_0(bytes, x),
+            }
+        };
+        // candle's barrier pool: the calling thread works too and idle
+        // workers spin briefly then park. A second pool (rayon's) beside it
+        // oversubscribed the cores and spent a third of decode time in the
+        // scheduler.
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        let rows = out.len();
+        candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+            let out_ptr = &out_ptr;
+            for row in range {
+                // SAFETY: execute_chunked hands out disjoint row ranges within
+                // 0..rows, so each element of `out` is written by one thread,
+                // and `out` outlives the call, which blocks until all are done.
+                unsafe { *out_ptr.0.add(row) = dot(row) };
+            }
+        });
     }
 }
 
