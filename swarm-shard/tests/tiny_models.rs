@@ -410,3 +410,67 @@ fn shards_are_shareable_across_threads() {
         assert_eq!(out, expected);
     }
 }
+
+#[test]
+fn hf_directories_bring_their_tokenizer_and_chat_template() {
+    // Make an HF-style tokenizer.json from a byte-level BPE built in memory.
+    use candle_core::quantized::gguf_file::Value;
+    use swarm_shard::{ChatMessage, TextTokenizer};
+    let mut tokens: Vec<String> = ["<|im_start|>", "<|im_end|>"].map(String::from).to_vec();
+    let byte_chars: Vec<String> = (b'!'..=b'~').map(|b| (b as char).to_string()).collect();
+    tokens.extend(byte_chars);
+    tokens.extend(["Ġ".to_string(), "he".to_string(), "ll".to_string()]);
+    let merges = ["h e", "l l"];
+    let mut md = std::collections::HashMap::new();
+    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    md.insert(
+        "tokenizer.ggml.model".to_string(),
+        Value::String("gpt2".into()),
+    );
+    md.insert("tokenizer.ggml.tokens".to_string(), strings(tokens.clone()));
+    md.insert(
+        "tokenizer.ggml.merges".to_string(),
+        strings(merges.iter().map(|m| m.to_string()).collect()),
+    );
+    let types: Vec<Value> = (0..tokens.len())
+        .map(|i| Value::I32(if i < 2 { 3 } else { 1 }))
+        .collect();
+    md.insert("tokenizer.ggml.token_type".to_string(), Value::Array(types));
+    md.insert("tokenizer.ggml.eos_token_id".to_string(), Value::U32(1));
+    let built = TextTokenizer::from_gguf_metadata(&md, std::path::Path::new("mem")).unwrap();
+
+    let spec = TinyModelSpec {
+        vocab_size: tokens.len(),
+        ..TinyModelSpec::default()
+    };
+    let dir = scratch("hf-tok").join("model");
+    spec.write_hf_dir(&dir).unwrap();
+    built
+        .inner()
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let config = serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>"});
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+
+    let files = ModelFiles::open(&dir).unwrap();
+    let tokenizer = TextTokenizer::from_model(&files).unwrap();
+    assert_eq!(
+        tokenizer.encode_raw("hello").unwrap(),
+        built.encode_raw("hello").unwrap()
+    );
+    assert_eq!(tokenizer.eos_token_id(), Some(1));
+    let text = tokenizer.render_chat(&[ChatMessage::user("hi")]).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = tokenizer.encode_chat(&[ChatMessage::user("hi")]).unwrap();
+    assert_eq!(ids[0], 0, "special tokens are matched whole");
+    assert_eq!(
+        tokenizer
+            .decode(&tokenizer.encode_raw("hell hello").unwrap())
+            .unwrap(),
+        "hell hello"
+    );
+}
