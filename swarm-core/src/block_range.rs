@@ -1,4 +1,5 @@
 use std::fmt;
+
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -178,3 +179,26 @@ mod tests {
         }
     }
 }
+
+impl bincode::Encode for BlockRange {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        encoder: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        self.start.encode(encoder)?;
+        self.end.encode(encoder)
+    }
+}
+
+impl<Context> bincode::Decode<Context> for BlockRange {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        let start = u32::decode(decoder)?;
+        let end = u32::decode(decoder)?;
+        Self::new(start, end).map_err(|_| {
+            bincode::error::DecodeError::Other("block range END must be greater than START")
+        })
+    }
+}
+bincode::impl_borrow_decode!(BlockRange);

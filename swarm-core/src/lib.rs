@@ -1,13 +1,20 @@
 //! Shared vocabulary of Sherpa Swarm.
 //!
-//! This crate does no I/O and reads no clock: it names the things every other
-//! crate talks about (models, spans of blocks) so that the engine, the network
-//! and the scorer agree on them.
+//! This crate does no I/O and reads no clock (callers pass `now`): it names
+//! the things every other crate talks about (models, spans of blocks,
+//! hardware, signed server records) and owns their wire encoding
+//! ([`codec`] for control messages, [`tensor_frame`] for hidden states).
 
 mod block_range;
+pub mod codec;
 mod error;
+mod hardware;
 mod model_id;
+pub mod record;
+pub mod tensor_frame;
 
 pub use block_range::BlockRange;
 pub use error::CoreError;
+pub use hardware::{GpuInfo, HardwareInfo};
 pub use model_id::ModelId;
+pub use record::{NodeKey, ServerInfo, SignedRecord, VerifiedRecord};

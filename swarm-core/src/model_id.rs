@@ -1,4 +1,5 @@
 use std::fmt;
+
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -60,3 +61,22 @@ mod tests {
         }
     }
 }
+
+impl bincode::Encode for ModelId {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        encoder: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        self.0.encode(encoder)
+    }
+}
+
+impl<Context> bincode::Decode<Context> for ModelId {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        let text = String::decode(decoder)?;
+        Self::new(text).map_err(|_| bincode::error::DecodeError::Other("invalid model id"))
+    }
+}
+bincode::impl_borrow_decode!(ModelId);
