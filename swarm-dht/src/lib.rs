@@ -2,8 +2,14 @@
 //!
 //! Servers announce the blocks they host in a Kademlia DHT, LAN nodes find
 //! each other over mDNS, and clients run inference sessions over
-//! Noise-encrypted libp2p streams. This crate is being built; it currently
-//! names the protocols the network will speak so every crate agrees on them.
+//! Noise-encrypted libp2p streams. This crate is being built: today it holds
+//! the node's persistent identity and the protocol names the network speaks.
+
+mod error;
+pub mod identity;
+
+pub use error::DhtError;
+pub use identity::load_or_create_node_key;
 
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";
