@@ -246,7 +246,8 @@ impl SessionCache {
     }
 }
 
-/// Device-side scratch helpers.
+/// The additive causal mask for `seq` new positions after `start` cached
+/// ones, (seq, start + seq): 0 where a query may attend, -inf where not.
 pub(crate) fn causal_mask(seq: usize, start: usize, device: &Device) -> Result<Tensor> {
     // Query i (absolute position start + i) may see keys 0..=start + i.
     let total = start + seq;
