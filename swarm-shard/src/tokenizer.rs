@@ -279,31 +279,44 @@ impl TextTokenizer {
         StreamDecoder {
             tokenizer: self,
             ids: Vec::new(),
-            emitted: 0,
+            prefix_offset: 0,
+            read_offset: 0,
         }
     }
 }
 
 /// Incremental detokenizer: see [`TextTokenizer::stream_decoder`].
+///
+/// Decodes only a short window of recent ids each step (as transformers'
+/// streamer does), so a long generation costs O(n), not O(n^2).
 #[derive(Debug)]
 pub struct StreamDecoder<'a> {
     tokenizer: &'a TextTokenizer,
     ids: Vec<u32>,
-    emitted: usize,
+    /// Start of the window that gives context to the next piece.
+    prefix_offset: usize,
+    /// End of what has been emitted.
+    read_offset: usize,
 }
 
 impl StreamDecoder<'_> {
     /// Adds a token; returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids)?;
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
         // A multi-byte character split over tokens decodes to U+FFFD until
         // its last byte arrives: hold it back until then.
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
             return Ok(None);
         }
-        let piece = text.get(self.emitted..).map(str::to_owned);
-        self.emitted = text.len();
-        Ok(piece)
+        let Some(piece) = now.get(before.len()..).map(str::to_owned) else {
+            return Ok(None);
+        };
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(Some(piece))
     }
 }
