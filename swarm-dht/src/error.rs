@@ -21,6 +21,18 @@ pub enum DhtError {
         /// What is wrong.
         reason: String,
     },
+    /// The libp2p identity could not be derived from the node key.
+    #[error("identity: {0}")]
+    Identity(String),
+    /// Listening, dialing or a DHT operation failed.
+    #[error("network: {0}")]
+    Transport(String),
+    /// A network operation did not finish in time.
+    #[error("timed out waiting for {0}; check that peers are reachable")]
+    Timeout(&'static str),
+    /// The node's event loop has stopped.
+    #[error("the node has stopped")]
+    Stopped,
     /// Invalid shared values (records, messages).
     #[error(transparent)]
     Core(#[from] swarm_core::CoreError),

@@ -2,14 +2,21 @@
 //!
 //! Servers announce the blocks they host in a Kademlia DHT, LAN nodes find
 //! each other over mDNS, and clients run inference sessions over
-//! Noise-encrypted libp2p streams. This crate is being built: today it holds
-//! the node's persistent identity and the protocol names the network speaks.
+//! Noise-encrypted libp2p streams. Built so far: the node's persistent
+//! identity, and a [`Node`] that joins through bootstrap peers, announces
+//! signed server records in Kademlia and lists a model's servers with their
+//! records verified.
 
+pub mod announce;
 mod error;
 pub mod identity;
+pub mod keys;
+pub mod node;
 
+pub use announce::{announce_periodically, now_ms, withdraw};
 pub use error::DhtError;
 pub use identity::load_or_create_node_key;
+pub use node::{ListedServer, Node, NodeConfig, ServerListing};
 
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";
