@@ -11,6 +11,9 @@ pub enum SherpaError {
     /// Invalid shared values (ranges, ids).
     #[error(transparent)]
     Core(#[from] swarm_core::CoreError),
+    /// The network layer failed.
+    #[error("network: {0}")]
+    Network(String),
     /// A file operation failed.
     #[error("{path}: {source}")]
     Io {

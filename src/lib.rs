@@ -10,6 +10,7 @@
 
 pub mod bench;
 mod error;
+pub mod hardware;
 pub mod model_store;
 
 pub use error::SherpaError;

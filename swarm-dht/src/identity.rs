@@ -43,6 +43,13 @@ pub fn load_or_create_node_key(dir: &Path) -> Result<NodeKey, DhtError> {
     }
 }
 
+/// A fresh random key kept nowhere, for one-off clients.
+pub fn ephemeral_node_key() -> NodeKey {
+    let mut seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut seed);
+    NodeKey::from_seed(seed)
+}
+
 /// Writes `bytes` to a new file only its owner can read, atomically.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DhtError> {
     let io = |path: &PathBuf| {

@@ -16,6 +16,7 @@ pub mod node;
 pub use announce::{announce_periodically, now_ms, withdraw};
 pub use error::DhtError;
 pub use identity::load_or_create_node_key;
+pub use libp2p::{Multiaddr, PeerId};
 pub use node::{ListedServer, Node, NodeConfig, ServerListing};
 
 /// Protocol id of Sherpa's Kademlia DHT.

@@ -126,3 +126,23 @@ impl BlockShard {
         Ok(xs)
     }
 }
+
+impl BlockShard {
+    /// Measures compute throughput in blocks x tokens per second: `steps`
+    /// single-token decode steps after a 16-token prefill, in a throwaway
+    /// session. Servers announce this figure.
+    pub fn measure_throughput(&self, steps: usize) -> Result<f32> {
+        let budget = CacheBudget::unlimited();
+        let mut cache = self.new_session(16 + steps.max(1), &budget)?;
+        let hidden = self.config.hidden_size;
+        let prefill = Tensor::zeros((1, 16, hidden), candle_core::DType::F32, &self.device)?;
+        self.forward(&(prefill + 0.01)?, &mut cache)?;
+        let one = (Tensor::ones((1, 1, hidden), candle_core::DType::F32, &self.device)? * 0.01)?;
+        let started = std::time::Instant::now();
+        for _ in 0..steps.max(1) {
+            self.forward(&one, &mut cache)?;
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        Ok((self.range.len() as f64 * steps.max(1) as f64 / secs) as f32)
+    }
+}

