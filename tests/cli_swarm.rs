@@ -88,11 +88,13 @@ fn tracker_servers_and_nodes_as_separate_processes() {
     let (_second, second_addr) = serve("15..30", "beta");
     assert!(first_addr.contains("/p2p/") && second_addr.contains("/p2p/"));
 
+    // A generous bound for loaded machines (each server first measures its
+    // throughput), not a speed goal.
     let started = Instant::now();
     let listing = loop {
         let listing = list(&tracker);
         if listing["servers"].as_array().unwrap().len() == 2
-            || started.elapsed() > Duration::from_secs(20)
+            || started.elapsed() > Duration::from_secs(90)
         {
             break listing;
         }

@@ -11,10 +11,11 @@ use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
 use libp2p::kad::{
     self, GetProvidersOk, GetRecordOk, QueryId, QueryResult, Quorum, Record, RecordKey,
 };
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    identify, multiaddr::Protocol, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol,
-    Swarm,
+    identify, mdns, multiaddr::Protocol, noise, ping, tcp, yamux, Multiaddr, PeerId,
+    StreamProtocol, Swarm,
 };
 use swarm_core::{ModelId, NodeKey, ServerInfo, SignedRecord};
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +37,10 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// How long records and provider entries live in the DHT.
     pub record_ttl: Duration,
+    /// Find and pair with Sherpa nodes on the local network by mDNS. It
+    /// multicasts on every interface the node can see, so turn it on only
+    /// on a LAN you mean to share.
+    pub mdns: bool,
 }
 
 impl NodeConfig {
@@ -48,7 +53,14 @@ impl NodeConfig {
             bootstrap: Vec::new(),
             request_timeout: Duration::from_secs(10),
             record_ttl: Duration::from_secs(120),
+            mdns: false,
         }
+    }
+
+    /// Turns LAN discovery by mDNS on or off.
+    pub fn with_mdns(mut self, mdns: bool) -> Self {
+        self.mdns = mdns;
+        self
     }
 
     /// Sets the listen addresses.
@@ -88,6 +100,7 @@ struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 enum Command {
@@ -151,6 +164,7 @@ impl Node {
         let peer_id = identity.public().to_peer_id();
         let ttl = config.record_ttl;
         let timeout = config.request_timeout;
+        let use_mdns = config.mdns;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
             .with_tokio()
             .with_tcp(
@@ -183,7 +197,19 @@ impl Node {
                 // never get the external-address confirmation that would
                 // switch kad to server mode by itself.
                 kad.set_mode(Some(kad::Mode::Server));
-                Behaviour {
+                let mdns = if use_mdns {
+                    let config = mdns::Config {
+                        query_interval: Duration::from_secs(10),
+                        ..mdns::Config::default()
+                    };
+                    Some(mdns::tokio::Behaviour::new(
+                        config,
+                        key.public().to_peer_id(),
+                    )?)
+                } else {
+                    None
+                };
+                Ok(Behaviour {
                     kad,
                     identify: identify::Behaviour::new(identify::Config::new(
                         format!("/sherpa/{}", swarm_core::codec::WIRE_VERSION),
@@ -192,7 +218,8 @@ impl Node {
                     ping: ping::Behaviour::new(
                         ping::Config::new().with_interval(Duration::from_secs(5)),
                     ),
-                }
+                    mdns: Toggle::from(mdns),
+                })
             })
             .map_err(|e| DhtError::Transport(e.to_string()))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -498,6 +525,22 @@ impl EventLoop {
                 ..
             })) => {
                 self.pings.insert(peer, rtt);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                // Pair with every Sherpa node on the link: make it a DHT
+                // neighbour and connect.
+                let local = *self.swarm.local_peer_id();
+                for (peer, addr) in found {
+                    if peer == local {
+                        continue;
+                    }
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        if let Err(e) = self.swarm.dial(addr) {
+                            tracing::debug!(%peer, error = %e, "dialing an mDNS peer failed");
+                        }
+                    }
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,

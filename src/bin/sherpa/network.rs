@@ -37,12 +37,6 @@ fn multiaddr(text: &str) -> Result<dht::Multiaddr, SherpaError> {
     })
 }
 
-fn lan_unavailable() -> SherpaError {
-    SherpaError::Network(
-        "LAN discovery (--lan) is not available in this build yet; use --tracker".into(),
-    )
-}
-
 /// Prints the first listen address (the line scripts read), then waits for Ctrl-C.
 async fn announce_address(node: &Node) -> Result<(), SherpaError> {
     let addrs = node.listen_addrs().await.map_err(net)?;
@@ -100,9 +94,6 @@ fn model_id_for(arg: &str, explicit: Option<&str>) -> Result<ModelId, SherpaErro
 }
 
 pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
-    if args.lan {
-        return Err(lan_unavailable());
-    }
     let blocks: BlockRange = args.blocks.parse()?;
     let model = model_id_for(&args.model, args.model_id.as_deref())?;
     let path = model_store::resolve_model(&args.model, &mut crate::fetch_progress())?;
@@ -113,7 +104,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
         &Device::Cpu,
         WeightPrecision::Native,
     )?);
-    let throughput = shard.measure_throughput(16)?;
+    let throughput = shard.measure_throughput(8)?;
     let per_token =
         SessionCache::bytes_needed(shard.config(), blocks, 1, sherpa_swarm::shard::DType::F32)
             .max(1);
@@ -141,6 +132,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
             NodeConfig::new(key.clone())
                 .with_listen(vec![listen])
                 .with_bootstrap(bootstrap)
+                .with_mdns(args.lan)
                 .with_record_ttl(RECORD_TTL),
         )
         .await
@@ -186,33 +178,48 @@ pub(crate) fn nodes(
     model: &str,
     json: bool,
 ) -> Result<(), SherpaError> {
-    if lan {
-        return Err(lan_unavailable());
-    }
-    let Some(tracker) = tracker else {
-        return Err(SherpaError::Network(
-            "say where to look: --tracker MULTIADDR (or --lan)".into(),
-        ));
+    let bootstrap = match (tracker, lan) {
+        (Some(tracker), _) => vec![multiaddr(&tracker)?],
+        (None, true) => Vec::new(),
+        (None, false) => {
+            return Err(SherpaError::Network(
+                "say where to look: --tracker MULTIADDR or --lan".into(),
+            ))
+        }
     };
-    let bootstrap = multiaddr(&tracker)?;
     let model = ModelId::new(model)?;
     let key = dht::identity::ephemeral_node_key();
     runtime()?.block_on(async move {
-        let node = Node::start(NodeConfig::new(key).with_bootstrap(vec![bootstrap]))
-            .await
-            .map_err(net)?;
-        // Look twice, a moment apart: the first lookup also connects us.
+        let listen = if lan {
+            "/ip4/0.0.0.0/tcp/0"
+        } else {
+            "/ip4/127.0.0.1/tcp/0"
+        };
+        let config = NodeConfig::new(key)
+            .with_listen(vec![multiaddr(listen)?])
+            .with_bootstrap(bootstrap)
+            .with_mdns(lan);
+        let node = Node::start(config).await.map_err(net)?;
+        // Look until two lookups a moment apart agree: the first ones also
+        // find and connect peers, and mDNS answers take a second or two.
+        let deadline = std::time::Instant::now() + Duration::from_secs(if lan { 8 } else { 4 });
         let mut listing = node
             .list_servers(&model, dht::now_ms())
             .await
             .map_err(net)?;
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        let again = node
-            .list_servers(&model, dht::now_ms())
-            .await
-            .map_err(net)?;
-        if again.servers.len() >= listing.servers.len() {
-            listing = again;
+        loop {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let again = node
+                .list_servers(&model, dht::now_ms())
+                .await
+                .map_err(net)?;
+            let settled = again.servers.len() == listing.servers.len() && !again.servers.is_empty();
+            if again.servers.len() >= listing.servers.len() {
+                listing = again;
+            }
+            if settled || std::time::Instant::now() > deadline {
+                break;
+            }
         }
         let pings = node.pings().await.map_err(net)?;
         if json {
