@@ -57,16 +57,8 @@ fn generate_local_prints_the_reference_continuation() {
 #[test]
 fn fetch_model_prints_the_cached_path() {
     let path = common::smollm2();
-    let out = sherpa()
-        .args(["fetch-model", "smollm2-135m"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = common::output_ok(sherpa().args(["fetch-model", "smollm2-135m"]));
+    let stdout = String::from_utf8(stdout).unwrap();
     assert_eq!(stdout.trim(), path.display().to_string());
 }
 

@@ -8,25 +8,15 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn sherpa() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sherpa"))
 }
 
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts a long-running command and returns it with the first stdout line.
-fn start(cmd: &mut Command) -> (Guard, String) {
+fn start(cmd: &mut Command) -> (common::ChildGuard, String) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -35,20 +25,12 @@ fn start(cmd: &mut Command) -> (Guard, String) {
     let stdout = child.stdout.take().unwrap();
     let mut first = String::new();
     BufReader::new(stdout).read_line(&mut first).unwrap();
-    (Guard(child), first.trim().to_string())
+    (common::ChildGuard(child), first.trim().to_string())
 }
 
 fn list(tracker: &str) -> serde_json::Value {
-    let out = sherpa()
-        .args(["nodes", "--json", "--tracker", tracker])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let stdout = common::output_ok(sherpa().args(["nodes", "--json", "--tracker", tracker]));
+    serde_json::from_slice(&stdout).unwrap()
 }
 
 #[test]

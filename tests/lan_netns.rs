@@ -10,7 +10,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 struct Namespaces {
     names: [String; 2],
@@ -68,15 +68,6 @@ fn namespaces() -> Result<Namespaces, String> {
     Ok(ns)
 }
 
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn nodes_in_separate_namespaces_pair_by_mdns() {
     let ns = match namespaces() {
@@ -122,27 +113,19 @@ fn nodes_in_separate_namespaces_pair_by_mdns() {
     BufReader::new(server.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
-    let _server = Guard(server);
+    let _server = common::ChildGuard(server);
     assert!(first.contains("/p2p/"), "{first}");
 
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.names[1],
-            sherpa,
-            "nodes",
-            "--lan",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stdout = common::output_ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.names[1],
+        sherpa,
+        "nodes",
+        "--lan",
+        "--json",
+    ]));
+    let listing: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let servers = listing["servers"].as_array().unwrap();
     assert_eq!(servers.len(), 1, "{listing}");
     assert_eq!(servers[0]["name"], "lan-a");

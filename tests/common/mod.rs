@@ -38,3 +38,25 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
         / scale
 }
+
+/// Kills a child process on drop, so a failing test leaves nothing running.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a command to completion, requiring success (stderr shown if not),
+/// and returns its stdout.
+pub fn output_ok(cmd: &mut std::process::Command) -> Vec<u8> {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
