@@ -18,6 +18,7 @@ fn records(c: &mut Criterion) {
         public_key: key.public_key(),
         model: ModelId::new("smollm2-135m").unwrap(),
         blocks: BlockRange::new(0, 10).unwrap(),
+        model_blocks: 30,
         throughput: 900.0,
         cache_tokens_free: 8192,
         upload_bps: 10_000_000,

@@ -17,7 +17,7 @@ pub struct GpuInfo {
 }
 
 /// A server's hardware as it reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub struct HardwareInfo {
     /// Logical CPU cores.
     pub cpu_cores: u16,

@@ -23,6 +23,10 @@ pub const MAX_RECORD_TTL_MS: u64 = 10 * 60 * 1000;
 /// How far in the future a record's issue time may be (clock skew), in ms.
 pub const MAX_CLOCK_SKEW_MS: u64 = 60 * 1000;
 
+/// Most blocks a model may have in a record (the largest open models have
+/// under 200).
+pub const MAX_MODEL_BLOCKS: u32 = 4096;
+
 /// Longest public name, in bytes.
 pub const MAX_PUBLIC_NAME: usize = 64;
 
@@ -82,6 +86,9 @@ pub struct ServerInfo {
     pub model: ModelId,
     /// The blocks it hosts.
     pub blocks: BlockRange,
+    /// How many blocks the whole model has, so a client can tell which
+    /// blocks still lack a host.
+    pub model_blocks: u32,
     /// Measured compute throughput: blocks x tokens per second for one
     /// token at a time (so a span's per-token time is `blocks / throughput`).
     pub throughput: f32,
@@ -106,6 +113,35 @@ pub struct ServerInfo {
 }
 
 impl ServerInfo {
+    /// A record for `public_key` hosting `blocks` of a `model_blocks`-block
+    /// `model`, with no measurements yet (zero throughput, bandwidth and
+    /// cache) and no lifetime: set the figures you have, then sign with
+    /// times filled in (`swarm_dht::announce_periodically` does).
+    pub fn new(
+        public_key: [u8; 32],
+        model: ModelId,
+        blocks: BlockRange,
+        model_blocks: u32,
+    ) -> Self {
+        Self {
+            record_version: RECORD_VERSION,
+            public_key,
+            model,
+            blocks,
+            model_blocks,
+            throughput: 0.0,
+            cache_tokens_free: 0,
+            upload_bps: 0,
+            download_bps: 0,
+            hardware: HardwareInfo::default(),
+            public_name: String::new(),
+            software_version: concat!("sherpa-swarm ", env!("CARGO_PKG_VERSION")).to_owned(),
+            protocol_version: crate::codec::WIRE_VERSION,
+            issued_at_ms: 0,
+            expires_at_ms: 0,
+        }
+    }
+
     fn check(&self, now_ms: u64) -> Result<(), CoreError> {
         let bad = |m: &str| Err(CoreError::BadRecord(m.to_owned()));
         if self.record_version != RECORD_VERSION {
@@ -114,6 +150,9 @@ impl ServerInfo {
                 got: self.record_version,
                 supported: RECORD_VERSION,
             });
+        }
+        if self.blocks.end() > self.model_blocks || self.model_blocks > MAX_MODEL_BLOCKS {
+            return bad("block range lies outside the model");
         }
         if !(self.throughput.is_finite() && self.throughput >= 0.0) {
             return bad("throughput is not a non-negative number");
@@ -217,6 +256,7 @@ mod tests {
             public_key: key.public_key(),
             model: ModelId::new("smollm2-135m").unwrap(),
             blocks: BlockRange::new(10, 20).unwrap(),
+            model_blocks: 30,
             throughput: 812.5,
             cache_tokens_free: 4096,
             upload_bps: 12_000_000,
@@ -307,8 +347,10 @@ mod tests {
     #[test]
     fn records_with_insane_fields_are_rejected() {
         let key = NodeKey::from_seed([3; 32]);
-        let cases: [fn(&mut ServerInfo); 5] = [
+        let cases: [fn(&mut ServerInfo); 7] = [
             |i| i.throughput = f32::NAN,
+            |i| i.model_blocks = 19,
+            |i| i.model_blocks = MAX_MODEL_BLOCKS + 1,
             |i| i.public_name = "x".repeat(65),
             |i| i.public_name = "bell\u{7}".into(),
             |i| i.expires_at_ms = i.issued_at_ms + MAX_RECORD_TTL_MS + 1,
@@ -333,7 +375,7 @@ mod tests {
         #[test]
         fn every_record_round_trips(
             seed in any::<[u8; 32]>(),
-            start in 0u32..1000, len in 1u32..100,
+            start in 0u32..1000, len in 1u32..100, extra in 0u32..100,
             throughput in 0f32..1e6,
             cache in any::<u64>(), up in any::<u64>(), down in any::<u64>(),
             cores in any::<u16>(), ram in any::<u64>(),
@@ -347,6 +389,7 @@ mod tests {
                 public_key: key.public_key(),
                 model: ModelId::new("m").unwrap(),
                 blocks: BlockRange::new(start, start + len).unwrap(),
+                model_blocks: start + len + extra,
                 throughput,
                 cache_tokens_free: cache,
                 upload_bps: up,

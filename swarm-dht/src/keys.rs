@@ -2,9 +2,17 @@
 //!
 //! Kademlia stores one value per key at each node, so servers cannot share
 //! one record key without overwriting each other. Instead:
-//! - `sherpa/v1/<model>` is a *provider* key: every server of the model
-//!   provides it, so a lookup returns all of them;
+//! - `sherpa/v1/<model>/block/<i>` is a *provider* key per block: every
+//!   server hosting block `i` provides it;
+//! - `sherpa/v1/<model>` is a provider key every server of the model
+//!   provides, which tells a client the model's size from the first records
+//!   it finds;
 //! - `sherpa/v1/<model>/peer/<peer id>` holds that server's signed record.
+//!
+//! Why per block: a Kademlia node answers a provider query with at most
+//! `k` = 20 providers, so one key per model would hide servers once a model
+//! has more than 20. Per block, a key lists the replicas of that block,
+//! which is what a route needs, and a model of any size is fully covered.
 
 use libp2p::identity::{self, PublicKey};
 use libp2p::kad::RecordKey;
@@ -16,6 +24,11 @@ use crate::error::DhtError;
 /// Provider key under which all servers of `model` announce themselves.
 pub fn model_key(model: &ModelId) -> RecordKey {
     RecordKey::new(&format!("sherpa/v1/{model}"))
+}
+
+/// Provider key of the servers hosting `block` of `model`.
+pub fn block_key(model: &ModelId, block: u32) -> RecordKey {
+    RecordKey::new(&format!("sherpa/v1/{model}/block/{block}"))
 }
 
 /// Key of the signed record of `peer` for `model`.

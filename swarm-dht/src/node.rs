@@ -21,7 +21,7 @@ use swarm_core::{ModelId, NodeKey, ServerInfo, SignedRecord};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::DhtError;
-use crate::keys::{keypair, model_key, peer_id_of, server_record_key};
+use crate::keys::{block_key, keypair, model_key, peer_id_of, server_record_key};
 use crate::KAD_PROTOCOL;
 
 /// Settings of a node.
@@ -108,10 +108,10 @@ enum Command {
     PutRecord {
         key: RecordKey,
         value: Vec<u8>,
-        provide: Option<RecordKey>,
+        provide: Vec<RecordKey>,
         reply: oneshot::Sender<Result<(), DhtError>>,
     },
-    StopProviding(RecordKey),
+    StopProviding(Vec<RecordKey>),
     GetProviders(RecordKey, oneshot::Sender<HashSet<PeerId>>),
     GetRecord(RecordKey, oneshot::Sender<Option<Vec<u8>>>),
     Pings(oneshot::Sender<HashMap<PeerId, Duration>>),
@@ -236,6 +236,7 @@ impl Node {
                 .await
                 .map_err(|_| DhtError::Timeout("listening"))?;
             if let SwarmEvent::NewListenAddr { address, .. } = event {
+                swarm.add_external_address(address.clone());
                 listening.push(address);
             }
         }
@@ -250,6 +251,21 @@ impl Node {
                 .dial(addr.clone())
                 .map_err(|e| DhtError::Transport(format!("cannot dial {addr}: {e}")))?;
         }
+        // Join: a Kademlia bootstrap fills the routing table before anything
+        // is published, so the first records land on the nodes closest to
+        // their keys rather than on whichever few peers were known.
+        let (joined_tx, joined) = oneshot::channel();
+        let joining = if config.bootstrap.is_empty() {
+            let _ = joined_tx.send(());
+            None
+        } else {
+            let id = swarm
+                .behaviour_mut()
+                .kad
+                .bootstrap()
+                .map_err(|e| DhtError::Transport(format!("cannot join: {e}")))?;
+            Some((id, joined_tx))
+        };
         let (commands, rx) = mpsc::channel(256);
         let (stop, stop_rx) = mpsc::channel(1);
         let event_loop = EventLoop {
@@ -257,12 +273,17 @@ impl Node {
             commands: rx,
             stop: stop_rx,
             listening,
+            joining,
             puts: HashMap::new(),
             providers: HashMap::new(),
             records: HashMap::new(),
             pings: HashMap::new(),
         };
         tokio::spawn(event_loop.run());
+        tokio::time::timeout(timeout, joined)
+            .await
+            .map_err(|_| DhtError::Timeout("joining through the bootstrap peers"))?
+            .map_err(|_| DhtError::Stopped)?;
         Ok(Self {
             peer_id,
             commands,
@@ -298,12 +319,14 @@ impl Node {
     }
 
     /// Publishes `record` (signed by this node) under its model, and
-    /// provides the model key so lookups find this node.
+    /// provides the model key and the key of every block it hosts so
+    /// lookups find this node.
     pub async fn announce(&self, record: &SignedRecord, info: &ServerInfo) -> Result<(), DhtError> {
         if peer_id_of(&info.public_key)? != self.peer_id {
             return Err(DhtError::Transport("record is not this node's".into()));
         }
-        self.put(&info.model, record.to_bytes()?, true).await
+        self.put(&info.model, record.to_bytes()?, provided_keys(info))
+            .await
     }
 
     /// Replaces this node's record for `model` with `tombstone` (an already
@@ -322,8 +345,8 @@ impl Node {
         }
         let _ = self
             .commands
-            .try_send(Command::StopProviding(model_key(model)));
-        self.put(model, tombstone.to_bytes()?, false).await
+            .try_send(Command::StopProviding(provided_keys(&info)));
+        self.put(model, tombstone.to_bytes()?, Vec::new()).await
     }
 
     /// Publishes arbitrary bytes as this node's record for `model` and
@@ -335,12 +358,16 @@ impl Node {
         model: &ModelId,
         value: Vec<u8>,
     ) -> Result<(), DhtError> {
-        self.put(model, value, true).await
+        self.put(model, value, vec![model_key(model)]).await
     }
 
-    async fn put(&self, model: &ModelId, value: Vec<u8>, provide: bool) -> Result<(), DhtError> {
+    async fn put(
+        &self,
+        model: &ModelId,
+        value: Vec<u8>,
+        provide: Vec<RecordKey>,
+    ) -> Result<(), DhtError> {
         let key = server_record_key(model, &self.peer_id);
-        let provide = provide.then(|| model_key(model));
         self.ask("publish", |reply| Command::PutRecord {
             key,
             value,
@@ -352,61 +379,73 @@ impl Node {
 
     /// Lists the servers of `model` with verified records. `now_ms` is the
     /// current time in ms since the Unix epoch.
+    ///
+    /// Asks the model's provider key first, learns the model's block count
+    /// from the records found (the count most of them agree on), then asks
+    /// every block's provider key and fetches the records of servers not
+    /// seen yet, so no server hides behind Kademlia's per-answer limit.
     pub async fn list_servers(
         &self,
         model: &ModelId,
         now_ms: u64,
     ) -> Result<ServerListing, DhtError> {
-        let providers = self
-            .ask("provider lookup", |reply| {
-                Command::GetProviders(model_key(model), reply)
-            })
-            .await?;
-        let lookups = providers.into_iter().map(|peer| async move {
-            let key = server_record_key(model, &peer);
-            (
-                peer,
-                self.ask("record lookup", |reply| Command::GetRecord(key, reply))
-                    .await,
-            )
-        });
         let mut listing = ServerListing::default();
-        for (peer, found) in futures::future::join_all(lookups).await {
-            let bytes = match found {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) | Err(DhtError::Timeout(_)) => {
-                    listing.missing += 1;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let verified = SignedRecord::from_bytes(&bytes).and_then(|r| r.verify(None, now_ms));
-            match verified {
-                Ok(record) => {
-                    let info = record.into_info();
-                    let genuine = peer_id_of(&info.public_key)
-                        .map(|id| id == peer)
-                        .unwrap_or(false);
-                    if genuine && &info.model == model {
-                        listing.servers.push(ListedServer {
-                            peer_id: peer,
-                            info,
-                        });
-                    } else {
-                        listing.rejected += 1;
-                    }
-                }
-                Err(swarm_core::CoreError::ExpiredRecord { .. }) => listing.expired += 1,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "dropped a server record");
-                    listing.rejected += 1;
-                }
-            }
+        let mut seen = HashSet::new();
+        let first = self.providers(model_key(model)).await?;
+        self.fetch_records(model, first, now_ms, &mut seen, &mut listing)
+            .await?;
+        let blocks = most_common_model_blocks(&listing.servers);
+        let per_block = futures::stream::iter(0..blocks)
+            .map(|block| self.providers(block_key(model, block)))
+            .buffer_unordered(LOOKUP_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        let mut more = HashSet::new();
+        for found in per_block {
+            more.extend(found?);
         }
+        self.fetch_records(model, more, now_ms, &mut seen, &mut listing)
+            .await?;
         listing.servers.sort_by(|a, b| {
             (a.info.blocks.start(), a.peer_id).cmp(&(b.info.blocks.start(), b.peer_id))
         });
         Ok(listing)
+    }
+
+    async fn providers(&self, key: RecordKey) -> Result<HashSet<PeerId>, DhtError> {
+        self.ask("provider lookup", |reply| Command::GetProviders(key, reply))
+            .await
+    }
+
+    /// Fetches and verifies the records of `peers` not in `seen` yet.
+    async fn fetch_records(
+        &self,
+        model: &ModelId,
+        peers: HashSet<PeerId>,
+        now_ms: u64,
+        seen: &mut HashSet<PeerId>,
+        listing: &mut ServerListing,
+    ) -> Result<(), DhtError> {
+        let fresh: Vec<PeerId> = peers.into_iter().filter(|p| seen.insert(*p)).collect();
+        let found = futures::stream::iter(fresh)
+            .map(|peer| async move {
+                let key = server_record_key(model, &peer);
+                let bytes = self
+                    .ask("record lookup", |reply| Command::GetRecord(key, reply))
+                    .await;
+                (peer, bytes)
+            })
+            .buffer_unordered(LOOKUP_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        for (peer, found) in found {
+            match found {
+                Ok(Some(bytes)) => listing.add(model, peer, &bytes, now_ms),
+                Ok(None) | Err(DhtError::Timeout(_)) => listing.missing += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Round-trip times measured to connected peers.
@@ -420,6 +459,57 @@ impl Node {
     }
 }
 
+/// Lookups a listing runs at once.
+const LOOKUP_CONCURRENCY: usize = 64;
+
+/// The provider keys a server of `info` announces itself under.
+fn provided_keys(info: &ServerInfo) -> Vec<RecordKey> {
+    std::iter::once(model_key(&info.model))
+        .chain(info.blocks.iter().map(|b| block_key(&info.model, b)))
+        .collect()
+}
+
+/// The model size most listed servers agree on (a lone liar cannot make a
+/// client query thousands of keys), 0 when nothing is listed.
+fn most_common_model_blocks(servers: &[ListedServer]) -> u32 {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for server in servers {
+        *counts.entry(server.info.model_blocks).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(blocks, count)| (count, std::cmp::Reverse(blocks)))
+        .map_or(0, |(blocks, _)| blocks)
+}
+
+impl ServerListing {
+    /// Verifies `bytes` as `peer`'s record for `model` and files it.
+    fn add(&mut self, model: &ModelId, peer: PeerId, bytes: &[u8], now_ms: u64) {
+        let verified = SignedRecord::from_bytes(bytes).and_then(|r| r.verify(None, now_ms));
+        match verified {
+            Ok(record) => {
+                let info = record.into_info();
+                let genuine = peer_id_of(&info.public_key)
+                    .map(|id| id == peer)
+                    .unwrap_or(false);
+                if genuine && &info.model == model {
+                    self.servers.push(ListedServer {
+                        peer_id: peer,
+                        info,
+                    });
+                } else {
+                    self.rejected += 1;
+                }
+            }
+            Err(swarm_core::CoreError::ExpiredRecord { .. }) => self.expired += 1,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "dropped a server record");
+                self.rejected += 1;
+            }
+        }
+    }
+}
+
 type Reply<T> = oneshot::Sender<T>;
 
 struct EventLoop {
@@ -427,6 +517,8 @@ struct EventLoop {
     commands: mpsc::Receiver<Command>,
     stop: mpsc::Receiver<()>,
     listening: Vec<Multiaddr>,
+    /// The bootstrap query [`Node::start`] waits for.
+    joining: Option<(QueryId, Reply<()>)>,
     puts: HashMap<QueryId, Reply<Result<(), DhtError>>>,
     providers: HashMap<QueryId, (HashSet<PeerId>, Reply<HashSet<PeerId>>)>,
     records: HashMap<QueryId, Reply<Option<Vec<u8>>>>,
@@ -465,8 +557,8 @@ impl EventLoop {
                 provide,
                 reply,
             } => {
-                if let Some(provide) = provide {
-                    if let Err(e) = kad.start_providing(provide) {
+                for key in provide {
+                    if let Err(e) = kad.start_providing(key) {
                         let _ =
                             reply.send(Err(DhtError::Transport(format!("cannot provide: {e}"))));
                         return;
@@ -485,7 +577,11 @@ impl EventLoop {
                     }
                 }
             }
-            Command::StopProviding(key) => kad.stop_providing(&key),
+            Command::StopProviding(keys) => {
+                for key in keys {
+                    kad.stop_providing(&key);
+                }
+            }
             Command::GetProviders(key, reply) => {
                 // Our own provider entries count too.
                 let mut found = HashSet::new();
@@ -507,7 +603,10 @@ impl EventLoop {
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => self.listening.push(address),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                self.swarm.add_external_address(address.clone());
+                self.listening.push(address)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -561,6 +660,16 @@ impl EventLoop {
 
     fn on_query(&mut self, id: QueryId, result: QueryResult, last: bool) {
         match result {
+            QueryResult::Bootstrap(outcome) => {
+                if let Err(e) = outcome {
+                    tracing::debug!(error = %e, "a bootstrap step failed");
+                }
+                if last && self.joining.as_ref().is_some_and(|(q, _)| *q == id) {
+                    if let Some((_, reply)) = self.joining.take() {
+                        let _ = reply.send(());
+                    }
+                }
+            }
             QueryResult::PutRecord(outcome) => {
                 if let Some(reply) = self.puts.remove(&id) {
                     // With no other DHT node yet the record is still stored

@@ -6,8 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use swarm_core::record::RECORD_VERSION;
-use swarm_core::{BlockRange, HardwareInfo, ModelId, NodeKey, ServerInfo};
+use swarm_core::{BlockRange, ModelId, NodeKey, ServerInfo};
 use swarm_dht::{announce_periodically, now_ms, withdraw, Node, NodeConfig, ServerListing};
 
 // Short lifetimes keep the test quick; the waits below are generous bounds
@@ -16,26 +15,10 @@ const TTL: Duration = Duration::from_secs(8);
 const REFRESH: Duration = Duration::from_millis(1000);
 
 fn info(key: &NodeKey, model: &ModelId, blocks: BlockRange) -> ServerInfo {
-    ServerInfo {
-        record_version: RECORD_VERSION,
-        public_key: key.public_key(),
-        model: model.clone(),
-        blocks,
-        throughput: 100.0,
-        cache_tokens_free: 2048,
-        upload_bps: 1 << 20,
-        download_bps: 1 << 20,
-        hardware: HardwareInfo {
-            cpu_cores: 2,
-            ram_free: 1 << 30,
-            gpu: None,
-        },
-        public_name: format!("server-{}", blocks.start()),
-        software_version: "test".into(),
-        protocol_version: swarm_core::codec::WIRE_VERSION,
-        issued_at_ms: 0,
-        expires_at_ms: 0,
-    }
+    let mut info = ServerInfo::new(key.public_key(), model.clone(), blocks, 40);
+    info.throughput = 100.0;
+    info.public_name = format!("server-{}", blocks.start());
+    info
 }
 
 fn seed(i: u8) -> [u8; 32] {

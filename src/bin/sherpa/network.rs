@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sherpa_swarm::core::record::RECORD_VERSION;
-use sherpa_swarm::core::{codec::WIRE_VERSION, BlockRange, ModelId, ServerInfo};
+use sherpa_swarm::core::{BlockRange, ModelId, ServerInfo};
 use sherpa_swarm::dht::{self, Node, NodeConfig};
 use sherpa_swarm::model_store::{self, sherpa_home};
 use sherpa_swarm::shard::{BlockShard, Device, ModelFiles, SessionCache, WeightPrecision};
@@ -137,26 +136,20 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
         )
         .await
         .map_err(net)?;
-        let info = ServerInfo {
-            record_version: RECORD_VERSION,
-            public_key: key.public_key(),
+        let mut info = ServerInfo::new(
+            key.public_key(),
             model,
             blocks,
-            throughput,
-            cache_tokens_free: cache_bytes / per_token,
-            upload_bps: 0,
-            download_bps: 0,
-            hardware: sherpa_swarm::hardware::detect(),
-            public_name: args.name.unwrap_or_else(|| {
-                // Peer ids share a long prefix; their end tells them apart.
-                let id = node.peer_id().to_string();
-                format!("sherpa-{}", &id[id.len().saturating_sub(6)..])
-            }),
-            software_version: format!("sherpa-swarm {}", env!("CARGO_PKG_VERSION")),
-            protocol_version: WIRE_VERSION,
-            issued_at_ms: 0,
-            expires_at_ms: 0,
-        };
+            shard.config().num_hidden_layers as u32,
+        );
+        info.throughput = throughput;
+        info.cache_tokens_free = cache_bytes / per_token;
+        info.hardware = sherpa_swarm::hardware::detect();
+        info.public_name = args.name.unwrap_or_else(|| {
+            // Peer ids share a long prefix; their end tells them apart.
+            let id = node.peer_id().to_string();
+            format!("sherpa-{}", &id[id.len().saturating_sub(6)..])
+        });
         announce_address(&node).await?;
         let task = dht::announce_periodically(node.clone(), key.clone(), info.clone(), REFRESH, RECORD_TTL);
         eprintln!("announced; inference sessions arrive with the next protocol version. Ctrl-C withdraws and stops.");
