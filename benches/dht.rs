@@ -74,7 +74,9 @@ fn lookup(c: &mut Criterion) {
         (client, nodes)
     });
     let mut group = c.benchmark_group("dht");
-    group.sample_size(20).measurement_time(Duration::from_secs(8));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(8));
     group.bench_function("list_50_servers", |b| {
         b.iter(|| {
             let listing = rt.block_on(client.list_servers(&model, now_ms())).unwrap();

@@ -7,25 +7,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn sherpa() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sherpa"))
-}
-
-/// Starts a long-running command and returns it with the first stdout line.
-fn start(cmd: &mut Command) -> (common::ChildGuard, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut first = String::new();
-    BufReader::new(stdout).read_line(&mut first).unwrap();
-    (common::ChildGuard(child), first.trim().to_string())
 }
 
 fn list(tracker: &str) -> serde_json::Value {
@@ -37,7 +23,7 @@ fn list(tracker: &str) -> serde_json::Value {
 fn tracker_servers_and_nodes_as_separate_processes() {
     let model = common::smollm2();
     let scratch = std::env::temp_dir().join(format!("sherpa-swarm-cli-{}", std::process::id()));
-    let (_tracker, tracker) = start(
+    let (_tracker, tracker) = common::spawn_first_line(
         sherpa()
             .args(["tracker", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
             .arg(scratch.join("t")),
@@ -48,7 +34,7 @@ fn tracker_servers_and_nodes_as_separate_processes() {
     );
 
     let serve = |blocks: &str, name: &str| {
-        start(
+        common::spawn_first_line(
             sherpa()
                 .args([
                     "serve",
@@ -96,6 +82,10 @@ fn tracker_servers_and_nodes_as_separate_processes() {
     assert!(first_addr.ends_with(by_name("alpha")["peer_id"].as_str().unwrap()));
     assert!(by_name("beta")["throughput"].as_f64().unwrap() > 0.0);
     assert_eq!(by_name("alpha")["model"], "smollm2-135m");
+    // `nodes` connects to every server it lists and measures a ping.
+    for server in servers {
+        assert!(server["ping_ms"].as_f64().unwrap() > 0.0, "{server}");
+    }
 
     // Ctrl-C withdraws: the server is gone from listings at once, not at expiry.
     let pid = first.0.id().to_string();

@@ -1,138 +1,100 @@
-//! LAN mode: two network namespaces joined by a veth pair, made by this test
-//! (root needed). A server in one and `sherpa nodes --lan` in the other find
-//! each other by mDNS with no address given. mDNS traffic stays inside the
-//! two namespaces: the processes run in them and see only their veth and
-//! loopback.
+//! LAN mode across two network namespaces joined by a veth pair, made by
+//! this test (root needed): a server in one and `sherpa nodes --lan` in the
+//! other find each other by mDNS with no address given. mDNS traffic stays
+//! inside the namespaces: the processes run in them and see only their veth
+//! and loopback.
+//!
+//! Private swarms: with a swarm key, only nodes holding the same key pair;
+//! a node without it, or with another key, lists nothing.
 
 #![cfg(feature = "cli")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
-struct Namespaces {
-    names: [String; 2],
-}
+use common::netns::Netns;
 
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
+const SHERPA: &str = env!("CARGO_BIN_EXE_sherpa");
+
+/// Starts a LAN server hosting blocks 0..15 in namespace 0.
+fn serve(ns: &Netns, scratch: &Path, swarm_key: Option<&Path>) -> common::ChildGuard {
+    let mut cmd = ns.command(0, SHERPA);
+    cmd.args(["serve", "--lan", "--blocks", "0..15"])
+        .args(["--listen", "/ip4/0.0.0.0/tcp/0"])
+        .args(["--model-id", "smollm2-135m", "--name", "lan-a"])
+        .arg("--model")
+        .arg(common::smollm2())
+        .arg("--data-dir")
+        .arg(scratch.join("a"));
+    if let Some(key) = swarm_key {
+        cmd.arg("--swarm-key").arg(key);
     }
+    let (server, first) = common::spawn_first_line(&mut cmd);
+    assert!(first.contains("/p2p/"), "{first}");
+    server
 }
 
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// Creates namespaces `a` and `b` with 10.231.7.1/24 and .2/24 on a veth
-/// pair, or says why it cannot.
-fn namespaces() -> Result<Namespaces, String> {
-    let tag = std::process::id() % 100_000;
-    let ns = Namespaces {
-        names: [format!("sherpa-{tag}-a"), format!("sherpa-{tag}-b")],
-    };
-    let [a, b] = &ns.names;
-    let (va, vb) = (format!("shA{tag}"), format!("shB{tag}"));
-    let steps: Vec<Vec<&str>> = vec![
-        vec!["netns", "add", a],
-        vec!["netns", "add", b],
-        vec!["link", "add", &va, "type", "veth", "peer", "name", &vb],
-        vec!["link", "set", &va, "netns", a],
-        vec!["link", "set", &vb, "netns", b],
-        vec!["-n", a, "addr", "add", "10.231.7.1/24", "dev", &va],
-        vec!["-n", b, "addr", "add", "10.231.7.2/24", "dev", &vb],
-        vec!["-n", a, "link", "set", "lo", "up"],
-        vec!["-n", b, "link", "set", "lo", "up"],
-        vec!["-n", a, "link", "set", &va, "up"],
-        vec!["-n", b, "link", "set", &vb, "up"],
-        vec!["-n", a, "route", "add", "224.0.0.0/4", "dev", &va],
-        vec!["-n", b, "route", "add", "224.0.0.0/4", "dev", &vb],
-    ];
-    for step in steps {
-        if !ip(&step) {
-            return Err(format!(
-                "`ip {}` failed (needs root and iproute2)",
-                step.join(" ")
-            ));
-        }
+/// What `sherpa nodes --lan` in namespace 1 lists.
+fn list(ns: &Netns, swarm_key: Option<&Path>) -> Vec<serde_json::Value> {
+    let mut cmd = ns.command(1, SHERPA);
+    cmd.args(["nodes", "--lan", "--json"]);
+    if let Some(key) = swarm_key {
+        cmd.arg("--swarm-key").arg(key);
     }
-    Ok(ns)
+    let listing: serde_json::Value = serde_json::from_slice(&common::output_ok(&mut cmd)).unwrap();
+    listing["servers"].as_array().unwrap().clone()
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sherpa-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 #[test]
 fn nodes_in_separate_namespaces_pair_by_mdns() {
-    let ns = match namespaces() {
-        Ok(ns) => ns,
-        Err(why) if std::env::var_os("CI").is_none() => {
-            eprintln!("SKIPPED: network namespaces unavailable here: {why}. CI runs this test.");
-            return;
-        }
-        Err(why) => panic!("CI must run the LAN test, but: {why}"),
+    let Some(ns) = Netns::create_or_skip(2, &[(0, 1)]) else {
+        return;
     };
-    let model = common::smollm2();
-    let sherpa = env!("CARGO_BIN_EXE_sherpa");
-    let scratch = std::env::temp_dir().join(format!("sherpa-lan-{}", std::process::id()));
-
-    let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.names[0],
-            sherpa,
-            "serve",
-            "--lan",
-            "--blocks",
-            "0..15",
-        ])
-        .args([
-            "--listen",
-            "/ip4/0.0.0.0/tcp/0",
-            "--model-id",
-            "smollm2-135m",
-            "--name",
-            "lan-a",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .arg("--data-dir")
-        .arg(scratch.join("a"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let _server = common::ChildGuard(server);
-    assert!(first.contains("/p2p/"), "{first}");
-
-    let stdout = common::output_ok(Command::new("ip").args([
-        "netns",
-        "exec",
-        &ns.names[1],
-        sherpa,
-        "nodes",
-        "--lan",
-        "--json",
-    ]));
-    let listing: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
-    let servers = listing["servers"].as_array().unwrap();
-    assert_eq!(servers.len(), 1, "{listing}");
+    let scratch = scratch("lan");
+    let _server = serve(&ns, &scratch, None);
+    let servers = list(&ns, None);
+    assert_eq!(servers.len(), 1, "{servers:?}");
     assert_eq!(servers[0]["name"], "lan-a");
     assert_eq!(
         servers[0]["blocks"],
         serde_json::json!({"start": 0, "end": 15})
     );
+    assert!(servers[0]["ping_ms"].as_f64().is_some(), "{servers:?}");
     let _ = std::fs::remove_dir_all(&scratch);
-    drop(ns);
+}
+
+#[test]
+fn only_holders_of_the_swarm_key_pair() {
+    let Some(ns) = Netns::create_or_skip(2, &[(0, 1)]) else {
+        return;
+    };
+    let scratch = scratch("private");
+    let key = scratch.join("swarm.key");
+    let other_key = scratch.join("other.key");
+    for path in [&key, &other_key] {
+        let out = common::output_ok(
+            std::process::Command::new(SHERPA)
+                .args(["swarm-key", "--out"])
+                .arg(path),
+        );
+        assert!(String::from_utf8(out).unwrap().contains("key"));
+    }
+    let _server = serve(&ns, &scratch, Some(&key));
+
+    let servers = list(&ns, Some(&key));
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    assert_eq!(servers[0]["name"], "lan-a");
+
+    // mDNS still tells them a node is there, but they cannot connect to it.
+    assert!(list(&ns, None).is_empty());
+    assert!(list(&ns, Some(&other_key)).is_empty());
+    let _ = std::fs::remove_dir_all(&scratch);
 }

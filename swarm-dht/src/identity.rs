@@ -50,12 +50,94 @@ pub fn ephemeral_node_key() -> NodeKey {
     NodeKey::from_seed(seed)
 }
 
+/// A private swarm's pre-shared key (libp2p pnet, the same file format as
+/// IPFS's `swarm.key`). Every connection of a node holding it is encrypted
+/// with it underneath Noise, so nodes without the key cannot even finish a
+/// handshake with the swarm. QUIC cannot carry it: private swarms run on TCP.
+#[derive(Clone, Copy)]
+pub struct SwarmKey(libp2p::pnet::PreSharedKey);
+
+impl SwarmKey {
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        Self(libp2p::pnet::PreSharedKey::new(bytes))
+    }
+
+    /// The key file's text (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex digits).
+    pub fn to_file_text(&self) -> String {
+        self.0.to_string()
+    }
+
+    /// Parses a key file's text.
+    pub fn parse(text: &str) -> Result<Self, DhtError> {
+        text.trim()
+            .parse()
+            .map(Self)
+            .map_err(|e| DhtError::Identity(format!("not a swarm key ({e})")))
+    }
+
+    /// Reads a key file.
+    pub fn load(path: &Path) -> Result<Self, DhtError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DhtError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| DhtError::BadKeyFile {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Writes a new random key to `path`, readable by its owner only. An
+    /// existing file is left alone and is an error.
+    pub fn create(path: &Path) -> Result<Self, DhtError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| DhtError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let key = Self::generate();
+        let mut text = key.to_file_text();
+        text.push('\n');
+        write_private(path, text.as_bytes())?;
+        Ok(key)
+    }
+
+    /// A short public fingerprint, to check two nodes hold the same key
+    /// without showing it.
+    pub fn fingerprint(&self) -> String {
+        self.0.fingerprint().to_string()
+    }
+
+    pub(crate) fn psk(&self) -> libp2p::pnet::PreSharedKey {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for SwarmKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SwarmKey({})", self.fingerprint())
+    }
+}
+
 /// Writes `bytes` to a new file only its owner can read, atomically.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DhtError> {
     let io = |path: &PathBuf| {
         let path = path.clone();
         move |source| DhtError::Io { path, source }
     };
+    if path.exists() {
+        return Err(DhtError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "already exists; not overwriting it",
+            ),
+        });
+    }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -95,6 +177,29 @@ mod tests {
         std::fs::write(dir.join(KEY_FILE), b"short").unwrap();
         let err = load_or_create_node_key(&dir).unwrap_err();
         assert!(err.to_string().contains("expected 32"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn swarm_keys_round_trip_and_bad_ones_are_refused() {
+        let dir = std::env::temp_dir().join(format!("sherpa-psk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("swarm.key");
+        let key = SwarmKey::create(&path).unwrap();
+        let again = SwarmKey::load(&path).unwrap();
+        assert_eq!(key.fingerprint(), again.fingerprint());
+        assert_ne!(key.fingerprint(), SwarmKey::generate().fingerprint());
+        // Never overwritten.
+        assert!(SwarmKey::create(&path).is_err());
+        assert_eq!(
+            SwarmKey::load(&path).unwrap().fingerprint(),
+            key.fingerprint()
+        );
+        // The secret stays out of logs.
+        assert!(!format!("{key:?}").contains(&key.to_file_text()[40..]));
+        std::fs::write(&path, "/key/swarm/psk/1.0.0/\n/base16/\nzz").unwrap();
+        let err = SwarmKey::load(&path).unwrap_err();
+        assert!(err.to_string().contains("not a swarm key"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

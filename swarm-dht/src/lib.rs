@@ -3,7 +3,9 @@
 //! Servers announce the blocks they host in a Kademlia DHT, LAN nodes find
 //! each other over mDNS, and clients run inference sessions over
 //! Noise-encrypted libp2p streams. Built so far: the node's persistent
-//! identity, and a [`Node`] that joins through bootstrap peers, announces
+//! identity, and a [`Node`] (TCP + Noise + yamux and QUIC; optionally a
+//! private swarm under a [`SwarmKey`]; circuit relay v2, AutoNAT and DCUtR
+//! for nodes behind NAT) that joins through bootstrap peers, announces
 //! signed server records in Kademlia and lists a model's servers with their
 //! records verified.
 
@@ -15,9 +17,9 @@ pub mod node;
 
 pub use announce::{announce_periodically, now_ms, withdraw};
 pub use error::DhtError;
-pub use identity::load_or_create_node_key;
+pub use identity::{load_or_create_node_key, SwarmKey};
 pub use libp2p::{Multiaddr, PeerId};
-pub use node::{ListedServer, Node, NodeConfig, ServerListing};
+pub use node::{ListedServer, Node, NodeConfig, RelayMode, ServerListing};
 
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";

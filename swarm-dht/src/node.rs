@@ -4,23 +4,29 @@
 //! wait (rust-libp2p's file-sharing example, with limits).
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures::future::Either;
 use futures::StreamExt;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::{transport, upgrade, Transport};
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
 use libp2p::kad::{
     self, GetProvidersOk, GetRecordOk, QueryId, QueryResult, Quorum, Record, RecordKey,
 };
+use libp2p::pnet::PnetConfig;
 use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    identify, mdns, multiaddr::Protocol, noise, ping, tcp, yamux, Multiaddr, PeerId,
-    StreamProtocol, Swarm,
+    autonat, dcutr, identify, identity, mdns, multiaddr::Protocol, noise, ping, quic, relay, tcp,
+    yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
 };
 use swarm_core::{ModelId, NodeKey, ServerInfo, SignedRecord};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::DhtError;
+use crate::identity::SwarmKey;
 use crate::keys::{block_key, keypair, model_key, peer_id_of, server_record_key};
 use crate::KAD_PROTOCOL;
 
@@ -41,6 +47,28 @@ pub struct NodeConfig {
     /// multicasts on every interface the node can see, so turn it on only
     /// on a LAN you mean to share.
     pub mdns: bool,
+    /// Join only the private swarm holding this key (TCP only; see
+    /// [`SwarmKey`]).
+    pub swarm_key: Option<SwarmKey>,
+    /// Relay circuits for other nodes (trackers do).
+    pub relay_server: bool,
+    /// When to make this node reachable through its bootstrap peers' relays.
+    pub relay: RelayMode,
+}
+
+/// When a node listens through a relay (circuit relay v2) on its bootstrap
+/// peers, for peers that cannot dial it directly. Once two nodes talk
+/// through a relay they try to upgrade to a direct connection (DCUtR hole
+/// punching).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    /// Never.
+    Never,
+    /// When AutoNAT finds the node is not reachable from outside.
+    #[default]
+    Auto,
+    /// Always, whatever AutoNAT says.
+    Always,
 }
 
 impl NodeConfig {
@@ -54,7 +82,28 @@ impl NodeConfig {
             request_timeout: Duration::from_secs(10),
             record_ttl: Duration::from_secs(120),
             mdns: false,
+            swarm_key: None,
+            relay_server: false,
+            relay: RelayMode::Auto,
         }
+    }
+
+    /// Joins only the private swarm of `key`.
+    pub fn with_swarm_key(mut self, key: Option<SwarmKey>) -> Self {
+        self.swarm_key = key;
+        self
+    }
+
+    /// Relays circuits for other nodes.
+    pub fn with_relay_server(mut self, on: bool) -> Self {
+        self.relay_server = on;
+        self
+    }
+
+    /// Sets when to listen through relays.
+    pub fn with_relay(mut self, mode: RelayMode) -> Self {
+        self.relay = mode;
+        self
     }
 
     /// Turns LAN discovery by mDNS on or off.
@@ -95,13 +144,67 @@ pub fn loopback() -> Multiaddr {
         .with(Protocol::Tcp(0))
 }
 
+/// `/ip4/127.0.0.1/udp/0/quic-v1`.
+pub fn loopback_quic() -> Multiaddr {
+    Multiaddr::empty()
+        .with(Protocol::Ip4(std::net::Ipv4Addr::LOCALHOST))
+        .with(Protocol::Udp(0))
+        .with(Protocol::QuicV1)
+}
+
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::QuicV1))
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    relay: Toggle<relay::Behaviour>,
+    dcutr: dcutr::Behaviour,
+    autonat: autonat::Behaviour,
 }
+
+type BoxedTransport = transport::Boxed<(PeerId, StreamMuxerBox)>;
+
+/// TCP (under the swarm key when there is one) + Noise + yamux, and QUIC
+/// for open swarms.
+fn transport(
+    key: &identity::Keypair,
+    swarm_key: Option<SwarmKey>,
+) -> Result<BoxedTransport, noise::Error> {
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let noise = noise::Config::new(key)?;
+    let Some(swarm_key) = swarm_key else {
+        let tcp = tcp
+            .upgrade(upgrade::Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default());
+        let quic = quic::tokio::Transport::new(quic::Config::new(key));
+        return Ok(tcp
+            .or_transport(quic)
+            .map(|either, _| match either {
+                Either::Left((peer, muxer)) => (peer, StreamMuxerBox::new(muxer)),
+                Either::Right((peer, muxer)) => (peer, StreamMuxerBox::new(muxer)),
+            })
+            .boxed());
+    };
+    let psk = swarm_key.psk();
+    Ok(tcp
+        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+        .upgrade(upgrade::Version::V1Lazy)
+        .authenticate(noise)
+        .multiplex(yamux::Config::default())
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed())
+}
+
+type Reply<T> = oneshot::Sender<T>;
+/// A caller waiting to hear whether a connection came up.
+type ConnectReply = Reply<Result<(), DhtError>>;
 
 enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -115,6 +218,7 @@ enum Command {
     GetProviders(RecordKey, oneshot::Sender<HashSet<PeerId>>),
     GetRecord(RecordKey, oneshot::Sender<Option<Vec<u8>>>),
     Pings(oneshot::Sender<HashMap<PeerId, Duration>>),
+    Connect(PeerId, Vec<Multiaddr>, Reply<Result<(), DhtError>>),
 }
 
 /// A server found in the DHT, with its verified record.
@@ -165,15 +269,26 @@ impl Node {
         let ttl = config.record_ttl;
         let timeout = config.request_timeout;
         let use_mdns = config.mdns;
+        let swarm_key = config.swarm_key;
+        if swarm_key.is_some() {
+            if let Some(addr) = config.listen.iter().find(|a| is_quic(a)) {
+                return Err(DhtError::Transport(format!(
+                    "cannot listen on {addr}: QUIC cannot carry a private swarm's key; listen on TCP"
+                )));
+            }
+        }
+        let relay_server = config.relay_server;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
             .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
+            .with_other_transport(|key| {
+                transport(key, swarm_key)
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            })
             .map_err(|e| DhtError::Transport(e.to_string()))?
-            .with_behaviour(|key| {
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| DhtError::Transport(e.to_string()))?
+            .with_behaviour(|key, relay_client| {
+                let local = key.public().to_peer_id();
                 let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
                 kad_config
                     .set_query_timeout(timeout)
@@ -183,7 +298,7 @@ impl Node {
                     .set_provider_publication_interval(None)
                     .set_max_packet_size(swarm_core::codec::MAX_CONTROL_MESSAGE * 2);
                 let store = MemoryStore::with_config(
-                    key.public().to_peer_id(),
+                    local,
                     MemoryStoreConfig {
                         max_records: 65_536,
                         max_value_bytes: swarm_core::codec::MAX_CONTROL_MESSAGE,
@@ -191,8 +306,7 @@ impl Node {
                         max_provided_keys: 1024,
                     },
                 );
-                let mut kad =
-                    kad::Behaviour::with_config(key.public().to_peer_id(), store, kad_config);
+                let mut kad = kad::Behaviour::with_config(local, store, kad_config);
                 // Every Sherpa node serves the DHT: loopback and LAN nodes
                 // never get the external-address confirmation that would
                 // switch kad to server mode by itself.
@@ -202,23 +316,30 @@ impl Node {
                         query_interval: Duration::from_secs(10),
                         ..mdns::Config::default()
                     };
-                    Some(mdns::tokio::Behaviour::new(
-                        config,
-                        key.public().to_peer_id(),
-                    )?)
+                    Some(mdns::tokio::Behaviour::new(config, local)?)
                 } else {
                     None
                 };
+                let relay = relay_server.then(|| relay::Behaviour::new(local, relay_config()));
                 Ok(Behaviour {
                     kad,
-                    identify: identify::Behaviour::new(identify::Config::new(
-                        format!("/sherpa/{}", swarm_core::codec::WIRE_VERSION),
-                        key.public(),
-                    )),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new(
+                            format!("/sherpa/{}", swarm_core::codec::WIRE_VERSION),
+                            key.public(),
+                        )
+                        // Tell peers at once about new addresses, such as
+                        // a relay circuit.
+                        .with_push_listen_addr_updates(true),
+                    ),
                     ping: ping::Behaviour::new(
                         ping::Config::new().with_interval(Duration::from_secs(5)),
                     ),
                     mdns: Toggle::from(mdns),
+                    relay_client,
+                    relay: Toggle::from(relay),
+                    dcutr: dcutr::Behaviour::new(local),
+                    autonat: autonat::Behaviour::new(local, autonat::Config::default()),
                 })
             })
             .map_err(|e| DhtError::Transport(e.to_string()))?
@@ -229,15 +350,31 @@ impl Node {
                 .listen_on(addr.clone())
                 .map_err(|e| DhtError::Transport(format!("cannot listen on {addr}: {e}")))?;
         }
-        // Wait for the first listen address so callers can print it.
+        // Wait until every listener reports an address so callers can print
+        // them; one on all interfaces reports one per interface at once.
         let mut listening = Vec::new();
-        while listening.len() < config.listen.len() {
-            let event = tokio::time::timeout(timeout, swarm.select_next_some())
-                .await
-                .map_err(|_| DhtError::Timeout("listening"))?;
-            if let SwarmEvent::NewListenAddr { address, .. } = event {
-                swarm.add_external_address(address.clone());
-                listening.push(address);
+        let mut early = Vec::new();
+        let mut wait = timeout;
+        loop {
+            let Ok(event) = tokio::time::timeout(wait, swarm.select_next_some()).await else {
+                if listening.len() < config.listen.len() {
+                    return Err(DhtError::Timeout("listening"));
+                }
+                break;
+            };
+            match event {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    swarm.add_external_address(address.clone());
+                    listening.push(address);
+                    if listening.len() >= config.listen.len() {
+                        wait = Duration::from_millis(100);
+                    }
+                }
+                SwarmEvent::ListenerError { error, .. } => {
+                    return Err(DhtError::Transport(format!("listening failed: {error}")));
+                }
+                // mDNS may find peers already; the event loop handles them.
+                other => early.push(other),
             }
         }
         for addr in &config.bootstrap {
@@ -256,7 +393,7 @@ impl Node {
         // their keys rather than on whichever few peers were known.
         let (joined_tx, joined) = oneshot::channel();
         let joining = if config.bootstrap.is_empty() {
-            let _ = joined_tx.send(());
+            let _ = joined_tx.send(Ok(()));
             None
         } else {
             let id = swarm
@@ -274,16 +411,23 @@ impl Node {
             stop: stop_rx,
             listening,
             joining,
+            relay_mode: config.relay,
+            relays: config.bootstrap.clone(),
+            relayed: false,
+            dials: HashMap::new(),
+            finding: HashMap::new(),
+            record_ttl: ttl,
+            provided_at: HashMap::new(),
             puts: HashMap::new(),
             providers: HashMap::new(),
             records: HashMap::new(),
             pings: HashMap::new(),
         };
-        tokio::spawn(event_loop.run());
+        tokio::spawn(event_loop.run(early));
         tokio::time::timeout(timeout, joined)
             .await
             .map_err(|_| DhtError::Timeout("joining through the bootstrap peers"))?
-            .map_err(|_| DhtError::Stopped)?;
+            .map_err(|_| DhtError::Stopped)??;
         Ok(Self {
             peer_id,
             commands,
@@ -448,6 +592,13 @@ impl Node {
         Ok(())
     }
 
+    /// Connects to `peer` at `addrs` or at the addresses the DHT knows
+    /// (directly or through a relay); returns once connected.
+    pub async fn connect(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), DhtError> {
+        self.ask("connecting", |reply| Command::Connect(peer, addrs, reply))
+            .await?
+    }
+
     /// Round-trip times measured to connected peers.
     pub async fn pings(&self) -> Result<HashMap<PeerId, Duration>, DhtError> {
         self.ask("pings", Command::Pings).await
@@ -456,6 +607,21 @@ impl Node {
     /// Stops the node now; its connections close.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(()).await;
+    }
+}
+
+/// Limits of a tracker's relay: enough circuits for a swarm's NATed
+/// servers while their peers try to hole-punch, each long and large enough
+/// to carry inference traffic when the punch fails.
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_reservations: 1024,
+        max_reservations_per_peer: 4,
+        max_circuits: 256,
+        max_circuits_per_peer: 16,
+        max_circuit_duration: Duration::from_secs(60 * 60),
+        max_circuit_bytes: 1 << 30,
+        ..relay::Config::default()
     }
 }
 
@@ -510,15 +676,25 @@ impl ServerListing {
     }
 }
 
-type Reply<T> = oneshot::Sender<T>;
-
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     stop: mpsc::Receiver<()>,
     listening: Vec<Multiaddr>,
     /// The bootstrap query [`Node::start`] waits for.
-    joining: Option<(QueryId, Reply<()>)>,
+    joining: Option<(QueryId, Reply<Result<(), DhtError>>)>,
+    relay_mode: RelayMode,
+    /// Bootstrap peers, whose relays this node may listen through.
+    relays: Vec<Multiaddr>,
+    /// Whether it listens through them already.
+    relayed: bool,
+    record_ttl: Duration,
+    /// When each key this node provides was last sent to the DHT.
+    provided_at: HashMap<RecordKey, Instant>,
+    /// [`Node::connect`] calls looking up where their peer is.
+    finding: HashMap<QueryId, (PeerId, Vec<Multiaddr>, ConnectReply)>,
+    /// Callers of [`Node::connect`] waiting for a connection.
+    dials: HashMap<PeerId, Vec<ConnectReply>>,
     puts: HashMap<QueryId, Reply<Result<(), DhtError>>>,
     providers: HashMap<QueryId, (HashSet<PeerId>, Reply<HashSet<PeerId>>)>,
     records: HashMap<QueryId, Reply<Option<Vec<u8>>>>,
@@ -526,7 +702,10 @@ struct EventLoop {
 }
 
 impl EventLoop {
-    async fn run(mut self) {
+    async fn run(mut self, early: Vec<SwarmEvent<BehaviourEvent>>) {
+        for event in early {
+            self.on_event(event);
+        }
         loop {
             tokio::select! {
                 command = self.commands.recv() => match command {
@@ -541,6 +720,10 @@ impl EventLoop {
 
     fn on_command(&mut self, command: Command) {
         let local = *self.swarm.local_peer_id();
+        let connected = match &command {
+            Command::Connect(peer, ..) if self.swarm.is_connected(peer) => vec![*peer],
+            _ => Vec::new(),
+        };
         let kad = &mut self.swarm.behaviour_mut().kad;
         match command {
             Command::ListenAddrs(reply) => {
@@ -557,7 +740,20 @@ impl EventLoop {
                 provide,
                 reply,
             } => {
+                // Provider entries live twice as long as records; sending
+                // them again every half record lifetime is plenty, and
+                // keeps a refresh to one DHT write when nothing changed.
+                let now = Instant::now();
+                let fresh_for = self.record_ttl / 2;
                 for key in provide {
+                    if self
+                        .provided_at
+                        .get(&key)
+                        .is_some_and(|at| now.duration_since(*at) < fresh_for)
+                    {
+                        continue;
+                    }
+                    self.provided_at.insert(key.clone(), now);
                     if let Err(e) = kad.start_providing(key) {
                         let _ =
                             reply.send(Err(DhtError::Transport(format!("cannot provide: {e}"))));
@@ -579,6 +775,7 @@ impl EventLoop {
             }
             Command::StopProviding(keys) => {
                 for key in keys {
+                    self.provided_at.remove(&key);
                     kad.stop_providing(&key);
                 }
             }
@@ -597,6 +794,17 @@ impl EventLoop {
             }
             Command::Pings(reply) => {
                 let _ = reply.send(self.pings.clone());
+            }
+            Command::Connect(peer, addrs, reply) => {
+                if connected.contains(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                // Find where it is first: a lookup of its own id ends at
+                // the peer itself, and returns the addresses (direct or
+                // through a relay) its neighbours know.
+                let id = kad.get_closest_peers(peer);
+                self.finding.insert(id, (peer, addrs, reply));
             }
         }
     }
@@ -648,6 +856,41 @@ impl EventLoop {
             } => {
                 self.pings.remove(&peer_id);
             }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                for reply in self.dials.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer_id),
+                error,
+                ..
+            } if !self.swarm.is_connected(&peer_id) => {
+                for reply in self.dials.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Err(DhtError::Transport(format!(
+                        "cannot connect to {peer_id}: {error}"
+                    ))));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                new,
+                ..
+            })) => {
+                tracing::info!(status = ?new, "reachability from outside");
+                if new == autonat::NatStatus::Private && self.relay_mode == RelayMode::Auto {
+                    self.listen_through_relays();
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
+                tracing::debug!(?event, "relay client");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => tracing::info!(peer = %remote_peer_id, "direct connection by hole punching"),
+                Err(e) => tracing::debug!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed"),
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
                 result,
@@ -658,6 +901,39 @@ impl EventLoop {
         }
     }
 
+    /// Dials `peer` at `addrs` plus what the behaviours know, unless it is
+    /// connected already; `reply` hears when it connects or fails.
+    fn dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, reply: Reply<Result<(), DhtError>>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .extend_addresses_through_behaviour()
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) => self.dials.entry(peer).or_default().push(reply),
+            Err(e) => {
+                let _ = reply.send(Err(DhtError::Transport(format!("cannot dial {peer}: {e}"))));
+            }
+        }
+    }
+
+    /// Listens on `<relay>/p2p-circuit` for every bootstrap peer, once.
+    fn listen_through_relays(&mut self) {
+        if std::mem::replace(&mut self.relayed, true) {
+            return;
+        }
+        for relay in &self.relays {
+            let circuit = relay.clone().with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(_) => tracing::info!(%circuit, "listening through a relay"),
+                Err(e) => tracing::warn!(%circuit, error = %e, "cannot listen through a relay"),
+            }
+        }
+    }
+
     fn on_query(&mut self, id: QueryId, result: QueryResult, last: bool) {
         match result {
             QueryResult::Bootstrap(outcome) => {
@@ -665,8 +941,20 @@ impl EventLoop {
                     tracing::debug!(error = %e, "a bootstrap step failed");
                 }
                 if last && self.joining.as_ref().is_some_and(|(q, _)| *q == id) {
+                    if self.relay_mode == RelayMode::Always {
+                        self.listen_through_relays();
+                    }
                     if let Some((_, reply)) = self.joining.take() {
-                        let _ = reply.send(());
+                        let joined = if self.swarm.connected_peers().next().is_some() {
+                            Ok(())
+                        } else {
+                            Err(DhtError::Transport(
+                                "cannot reach any bootstrap peer: check the address, that the \
+                                 tracker runs, and that both use the same swarm key (or none)"
+                                    .into(),
+                            ))
+                        };
+                        let _ = reply.send(joined);
                     }
                 }
             }
@@ -682,6 +970,27 @@ impl EventLoop {
                     };
                     let _ = reply.send(result);
                 }
+            }
+            QueryResult::GetClosestPeers(outcome) => {
+                let Some((peer, mut addrs, reply)) = self.finding.remove(&id) else {
+                    return;
+                };
+                let found = match outcome {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                if let Some(info) = found.into_iter().find(|p| p.peer_id == peer) {
+                    addrs.extend(info.addrs);
+                }
+                // Peers behind NAT are reachable through a bootstrap peer's
+                // relay; direct addresses are tried at the same time.
+                addrs.extend(self.relays.iter().map(|relay| {
+                    relay
+                        .clone()
+                        .with(Protocol::P2pCircuit)
+                        .with(Protocol::P2p(peer))
+                }));
+                self.dial(peer, addrs, reply);
             }
             QueryResult::GetProviders(outcome) => {
                 if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = outcome {

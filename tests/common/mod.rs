@@ -2,6 +2,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod netns;
+
 use std::path::PathBuf;
 
 use sherpa_swarm::model_store::{fetch_model, known_model, DEFAULT_MODEL};
@@ -59,4 +61,44 @@ pub fn output_ok(cmd: &mut std::process::Command) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
+}
+
+/// Spawns a long-running command and reads its stdout lines until `enough`
+/// says so, stdout ends, or a minute passes; returns the guard and the lines.
+pub fn spawn_reading(
+    cmd: &mut std::process::Command,
+    enough: impl Fn(&[String]) -> bool,
+) -> (ChildGuard, Vec<String>) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let guard = ChildGuard(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if tx.send(line.trim().to_string()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut lines = Vec::new();
+    while !enough(&lines) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => break,
+        }
+    }
+    (guard, lines)
+}
+
+/// Spawns a long-running command and returns it with its first stdout line.
+pub fn spawn_first_line(cmd: &mut std::process::Command) -> (ChildGuard, String) {
+    let (guard, mut lines) = spawn_reading(cmd, |l| !l.is_empty());
+    (guard, lines.pop().unwrap_or_default())
 }

@@ -56,12 +56,21 @@ enum Command {
     },
     /// Run a tracker: the bootstrap node servers and clients meet through.
     Tracker {
-        /// Address to listen on.
-        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4343")]
-        listen: String,
+        /// Addresses to listen on (repeatable) [default: TCP and QUIC on port 4343, all interfaces].
+        #[arg(long)]
+        listen: Vec<String>,
         /// Where the tracker keeps its identity key (default: $SHERPA_HOME/tracker).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Run a private swarm: only nodes holding this key file can connect.
+        #[arg(long)]
+        swarm_key: Option<PathBuf>,
+    },
+    /// Create a private swarm's key file; give it only to the swarm's members.
+    SwarmKey {
+        /// Where to write it (an existing file is never overwritten).
+        #[arg(long, default_value_os_t = sherpa_swarm::model_store::sherpa_home().join("swarm.key"))]
+        out: PathBuf,
     },
     /// Host a span of a model's blocks and announce it to the swarm.
     Serve(ServeArgs),
@@ -73,6 +82,9 @@ enum Command {
         /// Discover on the local network.
         #[arg(long, conflicts_with = "tracker")]
         lan: bool,
+        /// The private swarm's key file, if the swarm has one.
+        #[arg(long)]
+        swarm_key: Option<PathBuf>,
         /// Model id to list.
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: String,
@@ -105,15 +117,22 @@ struct ServeArgs {
     /// Blocks to host, START..END (END excluded), e.g. 0..10.
     #[arg(long)]
     blocks: String,
-    /// Address to listen on.
-    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
-    listen: String,
+    /// Addresses to listen on (repeatable) [default: TCP and QUIC, random ports, all interfaces].
+    #[arg(long)]
+    listen: Vec<String>,
     /// Tracker multiaddr, ending in /p2p/<peer id>.
     #[arg(long)]
     tracker: Option<String>,
     /// Discover peers on the local network instead of a tracker.
     #[arg(long, conflicts_with = "tracker")]
     lan: bool,
+    /// Join a private swarm: only nodes holding this key file can connect.
+    #[arg(long)]
+    swarm_key: Option<PathBuf>,
+    /// When to be reachable through the tracker's relay: auto (when AutoNAT
+    /// finds this node unreachable), always, or never.
+    #[arg(long, value_enum, default_value_t = RelayArg::Auto)]
+    relay: RelayArg,
     /// Name shown to people choosing nodes.
     #[arg(long)]
     name: Option<String>,
@@ -123,6 +142,13 @@ struct ServeArgs {
     /// Where the server keeps its identity key (default: $SHERPA_HOME/server).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum RelayArg {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Args, Debug)]
@@ -193,14 +219,20 @@ fn main() -> ExitCode {
             tokens,
             repeats,
         } => bench(json, tokens, repeats),
-        Command::Tracker { listen, data_dir } => network::tracker(&listen, data_dir),
+        Command::Tracker {
+            listen,
+            data_dir,
+            swarm_key,
+        } => network::tracker(listen, data_dir, swarm_key),
+        Command::SwarmKey { out } => network::swarm_key_file(&out),
         Command::Serve(args) => network::serve(args),
         Command::Nodes {
             tracker,
             lan,
+            swarm_key,
             model,
             json,
-        } => network::nodes(tracker, lan, &model, json),
+        } => network::nodes(tracker, lan, swarm_key, &model, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

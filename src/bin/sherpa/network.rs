@@ -1,17 +1,18 @@
 //! `sherpa tracker`, `sherpa serve` and `sherpa nodes`.
 
+use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sherpa_swarm::core::{BlockRange, ModelId, ServerInfo};
-use sherpa_swarm::dht::{self, Node, NodeConfig};
+use sherpa_swarm::dht::{self, Node, NodeConfig, PeerId, RelayMode, ServerListing, SwarmKey};
 use sherpa_swarm::model_store::{self, sherpa_home};
 use sherpa_swarm::shard::{BlockShard, Device, ModelFiles, SessionCache, WeightPrecision};
 use sherpa_swarm::SherpaError;
 
-use crate::ServeArgs;
+use crate::{RelayArg, ServeArgs};
 
 /// How often a server re-signs its record, and how long each lives.
 const REFRESH: Duration = Duration::from_secs(30);
@@ -47,21 +48,65 @@ async fn announce_address(node: &Node) -> Result<(), SherpaError> {
     Ok(())
 }
 
-pub(crate) fn tracker(listen: &str, data_dir: Option<PathBuf>) -> Result<(), SherpaError> {
+/// The private swarm key at `path`, if one was given.
+fn swarm_key(path: Option<&Path>) -> Result<Option<SwarmKey>, SherpaError> {
+    let Some(path) = path else { return Ok(None) };
+    let key = SwarmKey::load(path).map_err(net)?;
+    eprintln!("private swarm, key fingerprint {}", key.fingerprint());
+    Ok(Some(key))
+}
+
+/// `listen`, or TCP and QUIC on `port` of every interface (TCP only in a
+/// private swarm: QUIC cannot carry the swarm key).
+fn listen_addrs(
+    listen: &[String],
+    port: u16,
+    private: bool,
+) -> Result<Vec<dht::Multiaddr>, SherpaError> {
+    if !listen.is_empty() {
+        return listen.iter().map(|a| multiaddr(a)).collect();
+    }
+    let mut addrs = vec![multiaddr(&format!("/ip4/0.0.0.0/tcp/{port}"))?];
+    if !private {
+        addrs.push(multiaddr(&format!("/ip4/0.0.0.0/udp/{port}/quic-v1"))?);
+    }
+    Ok(addrs)
+}
+
+pub(crate) fn swarm_key_file(out: &Path) -> Result<(), SherpaError> {
+    let key = SwarmKey::create(out).map_err(net)?;
+    println!("{}", out.display());
+    eprintln!(
+        "created a swarm key (fingerprint {}); pass --swarm-key {} to the tracker and every node of the swarm, and share the file only with them",
+        key.fingerprint(),
+        out.display()
+    );
+    Ok(())
+}
+
+pub(crate) fn tracker(
+    listen: Vec<String>,
+    data_dir: Option<PathBuf>,
+    swarm_key_path: Option<PathBuf>,
+) -> Result<(), SherpaError> {
     let key =
         dht::load_or_create_node_key(&data_dir.unwrap_or_else(|| sherpa_home().join("tracker")))
             .map_err(net)?;
-    let listen = multiaddr(listen)?;
+    let swarm_key = swarm_key(swarm_key_path.as_deref())?;
+    let listen = listen_addrs(&listen, 4343, swarm_key.is_some())?;
     runtime()?.block_on(async move {
         let node = Node::start(
             NodeConfig::new(key)
-                .with_listen(vec![listen])
+                .with_listen(listen)
+                .with_swarm_key(swarm_key)
+                .with_relay_server(true)
+                .with_relay(RelayMode::Never)
                 .with_record_ttl(RECORD_TTL),
         )
         .await
         .map_err(net)?;
         announce_address(&node).await?;
-        eprintln!("tracker running; Ctrl-C stops it");
+        eprintln!("tracker running (DHT bootstrap, relay, AutoNAT); Ctrl-C stops it");
         tokio::signal::ctrl_c().await.map_err(net)?;
         node.shutdown().await;
         Ok(())
@@ -114,7 +159,13 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
             .unwrap_or_else(|| sherpa_home().join("server")),
     )
     .map_err(net)?;
-    let listen = multiaddr(&args.listen)?;
+    let swarm_key = swarm_key(args.swarm_key.as_deref())?;
+    let listen = listen_addrs(&args.listen, 0, swarm_key.is_some())?;
+    let relay = match args.relay {
+        RelayArg::Auto => RelayMode::Auto,
+        RelayArg::Always => RelayMode::Always,
+        RelayArg::Never => RelayMode::Never,
+    };
     let bootstrap = args
         .tracker
         .as_deref()
@@ -129,9 +180,11 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
     runtime()?.block_on(async move {
         let node = Node::start(
             NodeConfig::new(key.clone())
-                .with_listen(vec![listen])
+                .with_listen(listen)
                 .with_bootstrap(bootstrap)
                 .with_mdns(args.lan)
+                .with_swarm_key(swarm_key)
+                .with_relay(relay)
                 .with_record_ttl(RECORD_TTL),
         )
         .await
@@ -168,6 +221,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
 pub(crate) fn nodes(
     tracker: Option<String>,
     lan: bool,
+    swarm_key_path: Option<PathBuf>,
     model: &str,
     json: bool,
 ) -> Result<(), SherpaError> {
@@ -182,6 +236,7 @@ pub(crate) fn nodes(
     };
     let model = ModelId::new(model)?;
     let key = dht::identity::ephemeral_node_key();
+    let swarm_key = swarm_key(swarm_key_path.as_deref())?;
     runtime()?.block_on(async move {
         let listen = if lan {
             "/ip4/0.0.0.0/tcp/0"
@@ -191,7 +246,9 @@ pub(crate) fn nodes(
         let config = NodeConfig::new(key)
             .with_listen(vec![multiaddr(listen)?])
             .with_bootstrap(bootstrap)
-            .with_mdns(lan);
+            .with_mdns(lan)
+            .with_swarm_key(swarm_key)
+            .with_relay(RelayMode::Never);
         let node = Node::start(config).await.map_err(net)?;
         // Look until two lookups a moment apart agree: the first ones also
         // find and connect peers, and mDNS answers take a second or two.
@@ -214,7 +271,7 @@ pub(crate) fn nodes(
                 break;
             }
         }
-        let pings = node.pings().await.map_err(net)?;
+        let pings = measure_pings(&node, &listing).await?;
         if json {
             let servers: Vec<serde_json::Value> = listing
                 .servers
@@ -274,4 +331,38 @@ pub(crate) fn nodes(
         node.shutdown().await;
         Ok(())
     })
+}
+
+/// Connects to every listed server (directly or through a relay) and
+/// waits, briefly, for a ping to each.
+async fn measure_pings(
+    node: &Node,
+    listing: &ServerListing,
+) -> Result<HashMap<PeerId, Duration>, SherpaError> {
+    let mut connects = tokio::task::JoinSet::new();
+    for server in &listing.servers {
+        let (node, peer, name) = (
+            node.clone(),
+            server.peer_id,
+            server.info.public_name.clone(),
+        );
+        connects.spawn(async move {
+            if let Err(e) = node.connect(peer, Vec::new()).await {
+                eprintln!("cannot reach {name} ({peer}): {e}");
+            }
+        });
+    }
+    while connects.join_next().await.is_some() {}
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let pings = node.pings().await.map_err(net)?;
+        let all = listing
+            .servers
+            .iter()
+            .all(|s| pings.contains_key(&s.peer_id));
+        if all || std::time::Instant::now() > deadline {
+            return Ok(pings);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
