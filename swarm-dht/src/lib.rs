@@ -9,6 +9,7 @@
 //! signed server records in Kademlia and lists a model's servers with their
 //! records verified.
 
+pub mod admission;
 pub mod announce;
 mod error;
 pub mod identity;
@@ -19,7 +20,7 @@ pub use announce::{announce_periodically, now_ms, withdraw};
 pub use error::DhtError;
 pub use identity::{load_or_create_node_key, SwarmKey};
 pub use libp2p::{Multiaddr, PeerId};
-pub use node::{ListedServer, Node, NodeConfig, RelayMode, ServerListing};
+pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListing};
 
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";

@@ -25,6 +25,8 @@ use libp2p::{
 use swarm_core::{ModelId, NodeKey, ServerInfo, SignedRecord};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::admission;
+use crate::announce::now_ms;
 use crate::error::DhtError;
 use crate::identity::SwarmKey;
 use crate::keys::{block_key, keypair, model_key, peer_id_of, server_record_key};
@@ -219,6 +221,16 @@ enum Command {
     GetRecord(RecordKey, oneshot::Sender<Option<Vec<u8>>>),
     Pings(oneshot::Sender<HashMap<PeerId, Duration>>),
     Connect(PeerId, Vec<Multiaddr>, Reply<Result<(), DhtError>>),
+    Stats(Reply<NodeStats>),
+}
+
+/// What a node refused to store for others, since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Records refused: not the swarm's, forged, malformed or stale.
+    pub refused_records: u64,
+    /// Provider entries refused: not under the swarm's keys.
+    pub refused_providers: u64,
 }
 
 /// A server found in the DHT, with its verified record.
@@ -296,7 +308,10 @@ impl Node {
                     .set_provider_record_ttl(Some(ttl * 2))
                     .set_publication_interval(None)
                     .set_provider_publication_interval(None)
-                    .set_max_packet_size(swarm_core::codec::MAX_CONTROL_MESSAGE * 2);
+                    .set_max_packet_size(swarm_core::codec::MAX_CONTROL_MESSAGE * 2)
+                    // Every record and provider entry others ask this node
+                    // to keep goes through `admission` first.
+                    .set_record_filtering(kad::StoreInserts::FilterBoth);
                 let store = MemoryStore::with_config(
                     local,
                     MemoryStoreConfig {
@@ -416,6 +431,7 @@ impl Node {
             relayed: false,
             dials: HashMap::new(),
             finding: HashMap::new(),
+            stats: NodeStats::default(),
             record_ttl: ttl,
             provided_at: HashMap::new(),
             puts: HashMap::new(),
@@ -599,6 +615,11 @@ impl Node {
             .await?
     }
 
+    /// What this node refused to store for others.
+    pub async fn stats(&self) -> Result<NodeStats, DhtError> {
+        self.ask("stats", Command::Stats).await
+    }
+
     /// Round-trip times measured to connected peers.
     pub async fn pings(&self) -> Result<HashMap<PeerId, Duration>, DhtError> {
         self.ask("pings", Command::Pings).await
@@ -691,6 +712,7 @@ struct EventLoop {
     record_ttl: Duration,
     /// When each key this node provides was last sent to the DHT.
     provided_at: HashMap<RecordKey, Instant>,
+    stats: NodeStats,
     /// [`Node::connect`] calls looking up where their peer is.
     finding: HashMap<QueryId, (PeerId, Vec<Multiaddr>, ConnectReply)>,
     /// Callers of [`Node::connect`] waiting for a connection.
@@ -795,6 +817,9 @@ impl EventLoop {
             Command::Pings(reply) => {
                 let _ = reply.send(self.pings.clone());
             }
+            Command::Stats(reply) => {
+                let _ = reply.send(self.stats);
+            }
             Command::Connect(peer, addrs, reply) => {
                 if connected.contains(&peer) {
                     let _ = reply.send(Ok(()));
@@ -891,12 +916,59 @@ impl EventLoop {
                 Ok(_) => tracing::info!(peer = %remote_peer_id, "direct connection by hole punching"),
                 Err(e) => tracing::debug!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed"),
             },
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest { request })) => {
+                self.on_store_request(request)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
                 result,
                 step,
                 ..
             })) => self.on_query(id, result, step.last),
+            _ => {}
+        }
+    }
+
+    /// Stores what others ask this node to keep, if `admission` agrees.
+    fn on_store_request(&mut self, request: kad::InboundRequest) {
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        match request {
+            kad::InboundRequest::PutRecord {
+                source,
+                record: Some(record),
+                ..
+            } => {
+                let stored = store.get(&record.key).map(|r| r.value.clone());
+                match admission::admit_record(
+                    &record.key,
+                    &record.value,
+                    stored.as_deref(),
+                    now_ms(),
+                ) {
+                    Ok(()) => {
+                        if let Err(e) = store.put(record) {
+                            tracing::debug!(error = %e, "record not stored");
+                        }
+                    }
+                    Err(why) => {
+                        self.stats.refused_records += 1;
+                        tracing::debug!(%source, ?why, "refused to store a record");
+                    }
+                }
+            }
+            kad::InboundRequest::AddProvider {
+                record: Some(provider),
+            } => match admission::admit_provider(&provider.key) {
+                Ok(()) => {
+                    if let Err(e) = store.add_provider(provider) {
+                        tracing::debug!(error = %e, "provider entry not stored");
+                    }
+                }
+                Err(why) => {
+                    self.stats.refused_providers += 1;
+                    tracing::debug!(provider = %provider.provider, ?why, "refused a provider entry");
+                }
+            },
             _ => {}
         }
     }

@@ -316,4 +316,98 @@ async fn hostile_records_and_garbage_bytes_do_not_disturb_lookups() {
     );
     // The tracker still serves after the garbage.
     assert!(!tracker.listen_addrs().await.unwrap().is_empty());
+    // And the hostile records never got into its store: it refused each.
+    let stats = tracker.stats().await.unwrap();
+    assert!(stats.refused_records >= 3, "{stats:?}");
+}
+
+/// An authenticated peer opens streams on every protocol a node speaks and
+/// sends garbage and absurd length prefixes; the node drops those streams
+/// and keeps answering lookups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_inside_protocol_streams_is_dropped() {
+    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    let model = ModelId::new("stream-garbage-test").unwrap();
+    let tracker = Node::start(NodeConfig::new(NodeKey::from_seed(seed(120))))
+        .await
+        .unwrap();
+    let tracker_addr = tracker.listen_addrs().await.unwrap()[0].clone();
+    let server_key = NodeKey::from_seed(seed(121));
+    let server =
+        Node::start(NodeConfig::new(server_key.clone()).with_bootstrap(vec![tracker_addr.clone()]))
+            .await
+            .unwrap();
+    let info = info(&server_key, &model, BlockRange::new(0, 4).unwrap());
+    let _task = announce_periodically(server, server_key, info, REFRESH, TTL);
+
+    // A bare libp2p peer that can open raw streams.
+    let streams = libp2p_stream::Behaviour::new();
+    let mut control = streams.new_control();
+    let mut attacker = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| streams)
+        .unwrap()
+        .build();
+    attacker.dial(tracker_addr.clone()).unwrap();
+    let driver = tokio::spawn(async move {
+        loop {
+            attacker.select_next_some().await;
+        }
+    });
+    let tracker_id = tracker.peer_id();
+    let protocols = [
+        swarm_dht::KAD_PROTOCOL,
+        "/ipfs/id/1.0.0",
+        "/ipfs/id/push/1.0.0",
+        "/ipfs/ping/1.0.0",
+        "/libp2p/circuit/relay/0.2.0/hop",
+        "/libp2p/autonat/1.0.0",
+    ];
+    // A varint length prefix of 2^63, then 1 MiB of garbage.
+    let mut absurd = vec![0xFFu8; 9];
+    absurd.push(0x01);
+    let garbage = vec![0xA7u8; 1 << 20];
+    let mut opened = 0;
+    for _round in 0..3 {
+        for protocol in protocols {
+            let protocol = libp2p::StreamProtocol::new(protocol);
+            let Ok(mut stream) = control.open_stream(tracker_id, protocol).await else {
+                continue;
+            };
+            opened += 1;
+            // A protocol that only writes (identify) never reads what we
+            // send, so bound every step: the attacker's problem, not the
+            // node's.
+            let abuse = async {
+                stream.write_all(&absurd).await?;
+                stream.write_all(&garbage).await?;
+                stream.close().await?;
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), abuse).await;
+        }
+    }
+    assert!(
+        opened >= 3,
+        "the node speaks these protocols; only {opened} streams opened"
+    );
+    driver.abort();
+
+    let client = Node::start(
+        NodeConfig::new(NodeKey::from_seed(seed(122))).with_bootstrap(vec![tracker_addr]),
+    )
+    .await
+    .unwrap();
+    let (listing, _) = wait_for(&client, &model, Duration::from_secs(60), |l| {
+        l.servers.len() == 1
+    })
+    .await;
+    assert_eq!(listing.servers.len(), 1, "{listing:?}");
 }
