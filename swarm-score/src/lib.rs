@@ -1,8 +1,24 @@
 //! Sherpa Swarm's pure decisions: which peers to use and in which order.
 //!
-//! This crate reads no clock and does no I/O. Scoring, node selection and
-//! route planning arrive here with the network layer; today it holds the
-//! shared block-coverage check every later decision builds on.
+//! This crate reads no clock, draws no random numbers and does no I/O:
+//! callers pass in what they measured. It holds
+//! - the [`PerformanceScore`] and its components ([`score`]),
+//! - "10 PCs near me" auto-selection with coverage, redundancy and manual
+//!   overrides ([`select`]),
+//! - the route planner: the fastest chain over block boundaries, and
+//!   re-planning around failed servers ([`plan`], [`replan`]).
+
+mod candidate;
+mod error;
+pub mod route;
+pub mod score;
+pub mod select;
+
+pub use candidate::{Candidate, ServerId};
+pub use error::ScoreError;
+pub use route::{plan, replan, Hop, Route, RouteOptions};
+pub use score::{score, PerformanceScore, ScoreComponents, ScoreWeights};
+pub use select::{select, Overrides, RankedCandidate, Selection, SelectionPolicy, Status};
 
 use swarm_core::BlockRange;
 
