@@ -15,12 +15,14 @@ mod error;
 pub mod identity;
 pub mod keys;
 pub mod node;
+pub mod probe;
 
 pub use announce::{announce_periodically, now_ms, withdraw};
 pub use error::DhtError;
 pub use identity::{load_or_create_node_key, SwarmKey};
 pub use libp2p::{Multiaddr, PeerId};
 pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListing};
+pub use probe::Bandwidth;
 
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";

@@ -30,6 +30,7 @@ use crate::announce::now_ms;
 use crate::error::DhtError;
 use crate::identity::SwarmKey;
 use crate::keys::{block_key, keypair, model_key, peer_id_of, server_record_key};
+use crate::probe;
 use crate::KAD_PROTOCOL;
 
 /// Settings of a node.
@@ -168,6 +169,7 @@ struct Behaviour {
     relay: Toggle<relay::Behaviour>,
     dcutr: dcutr::Behaviour,
     autonat: autonat::Behaviour,
+    streams: libp2p_stream::Behaviour,
 }
 
 type BoxedTransport = transport::Boxed<(PeerId, StreamMuxerBox)>;
@@ -258,12 +260,21 @@ pub struct ServerListing {
 
 /// Handle to a running node. Cheap to clone; the node stops when every
 /// handle is dropped or [`Node::shutdown`] is called.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Node {
     peer_id: PeerId,
+    control: libp2p_stream::Control,
     commands: mpsc::Sender<Command>,
     timeout: Duration,
     stop: mpsc::Sender<()>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Command {
@@ -290,6 +301,11 @@ impl Node {
             }
         }
         let relay_server = config.relay_server;
+        let streams = libp2p_stream::Behaviour::new();
+        let mut control = streams.new_control();
+        let probes = control
+            .accept(probe::PROBE_PROTOCOL)
+            .map_err(|e| DhtError::Transport(e.to_string()))?;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
             .with_tokio()
             .with_other_transport(|key| {
@@ -355,6 +371,7 @@ impl Node {
                     relay: Toggle::from(relay),
                     dcutr: dcutr::Behaviour::new(local),
                     autonat: autonat::Behaviour::new(local, autonat::Config::default()),
+                    streams,
                 })
             })
             .map_err(|e| DhtError::Transport(e.to_string()))?
@@ -440,12 +457,14 @@ impl Node {
             pings: HashMap::new(),
         };
         tokio::spawn(event_loop.run(early));
+        tokio::spawn(probe::serve_probes(probes));
         tokio::time::timeout(timeout, joined)
             .await
             .map_err(|_| DhtError::Timeout("joining through the bootstrap peers"))?
             .map_err(|_| DhtError::Stopped)??;
         Ok(Self {
             peer_id,
+            control,
             commands,
             timeout,
             stop,
@@ -615,6 +634,17 @@ impl Node {
             .await?
     }
 
+    /// Measures the bandwidth to `peer` by moving `bytes` each way (capped
+    /// at [`probe::MAX_PROBE_BYTES`]).
+    pub async fn probe(&self, peer: PeerId, bytes: u32) -> Result<probe::Bandwidth, DhtError> {
+        self.connect(peer, Vec::new()).await?;
+        let mut control = self.control.clone();
+        let stream = tokio::time::timeout(self.timeout, probe::open(&mut control, peer))
+            .await
+            .map_err(|_| DhtError::Timeout("opening a probe"))??;
+        probe::run_probe(stream, bytes, self.timeout).await
+    }
+
     /// What this node refused to store for others.
     pub async fn stats(&self) -> Result<NodeStats, DhtError> {
         self.ask("stats", Command::Stats).await
@@ -670,6 +700,12 @@ fn most_common_model_blocks(servers: &[ListedServer]) -> u32 {
 }
 
 impl ServerListing {
+    /// The model's block count most listed servers agree on (0 when none
+    /// are listed).
+    pub fn model_blocks(&self) -> u32 {
+        most_common_model_blocks(&self.servers)
+    }
+
     /// Verifies `bytes` as `peer`'s record for `model` and files it.
     fn add(&mut self, model: &ModelId, peer: PeerId, bytes: &[u8], now_ms: u64) {
         let verified = SignedRecord::from_bytes(bytes).and_then(|r| r.verify(None, now_ms));

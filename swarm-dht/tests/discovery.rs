@@ -368,6 +368,7 @@ async fn garbage_inside_protocol_streams_is_dropped() {
         "/ipfs/ping/1.0.0",
         "/libp2p/circuit/relay/0.2.0/hop",
         "/libp2p/autonat/1.0.0",
+        "/sherpa/probe/1.0.0",
     ];
     // A varint length prefix of 2^63, then 1 MiB of garbage.
     let mut absurd = vec![0xFFu8; 9];

@@ -98,3 +98,61 @@ async fn private_swarms_refuse_quic() {
     let err = Node::start(config).await.unwrap_err();
     assert!(err.to_string().contains("QUIC"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bandwidth_probe_measures_both_ways_and_refuses_abuse() {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let server = Node::start(NodeConfig::new(key(20))).await.unwrap();
+    let at = server.listen_addrs().await.unwrap()[0].clone();
+    let client = Node::start(NodeConfig::new(key(21)).with_bootstrap(vec![at.clone()]))
+        .await
+        .unwrap();
+    let measured = client.probe(server.peer_id(), 1 << 20).await.unwrap();
+    assert!(measured.upload_bps > 1_000_000, "{measured:?}");
+    assert!(measured.download_bps > 1_000_000, "{measured:?}");
+
+    // A raw peer asks for more than the cap, and sends a garbage request:
+    // both streams end without an answer, and probes still work after.
+    let streams = libp2p_stream::Behaviour::new();
+    let mut control = streams.new_control();
+    let mut raw = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| streams)
+        .unwrap()
+        .build();
+    raw.dial(at).unwrap();
+    let driver = tokio::spawn(async move {
+        loop {
+            futures::StreamExt::select_next_some(&mut raw).await;
+        }
+    });
+    let huge = swarm_core::codec::encode(&swarm_dht::probe::ProbeRequest {
+        version: swarm_dht::probe::PROBE_VERSION,
+        upload: 1,
+        download: u32::MAX,
+    })
+    .unwrap();
+    let mut framed = (huge.len() as u32).to_le_bytes().to_vec();
+    framed.extend(&huge);
+    for request in [framed, vec![0xFF; 300]] {
+        let mut stream = control
+            .open_stream(server.peer_id(), swarm_dht::probe::PROBE_PROTOCOL)
+            .await
+            .unwrap();
+        let _ = stream.write_all(&request).await;
+        let _ = stream.write_all(&[0]).await;
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "the server ends the stream");
+        assert!(answer.is_empty(), "no answer to a refused probe");
+    }
+    driver.abort();
+    assert!(client.probe(server.peer_id(), 64 << 10).await.is_ok());
+}
