@@ -15,6 +15,33 @@ pub fn detect() -> HardwareInfo {
     }
 }
 
+/// Name, compute capability and memory of NVIDIA GPU `index`, read through
+/// NVML (the driver's management library, loaded at run time). `None` when
+/// the `nvml` feature is off, or there is no driver or no such GPU. A
+/// server reports a GPU only when it computes its blocks on it.
+#[cfg(feature = "nvml")]
+pub fn nvidia_gpu(index: u32) -> Option<swarm_core::GpuInfo> {
+    let nvml = nvml_wrapper::Nvml::init().ok()?;
+    let device = nvml.device_by_index(index).ok()?;
+    let cc = device.cuda_compute_capability().ok()?;
+    let memory = device.memory_info().ok()?;
+    Some(swarm_core::GpuInfo {
+        name: device.name().ok()?,
+        compute_capability: (
+            u8::try_from(cc.major).unwrap_or(0),
+            u8::try_from(cc.minor).unwrap_or(0),
+        ),
+        vram_total: memory.total,
+        vram_free: memory.free,
+    })
+}
+
+/// Without the `nvml` feature there is no GPU to report.
+#[cfg(not(feature = "nvml"))]
+pub fn nvidia_gpu(_index: u32) -> Option<swarm_core::GpuInfo> {
+    None
+}
+
 /// `MemAvailable` from /proc/meminfo, in bytes (Linux); None elsewhere.
 fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -82,10 +82,54 @@ fn tracker_servers_and_nodes_as_separate_processes() {
     assert!(first_addr.ends_with(by_name("alpha")["peer_id"].as_str().unwrap()));
     assert!(by_name("beta")["throughput"].as_f64().unwrap() > 0.0);
     assert_eq!(by_name("alpha")["model"], "smollm2-135m");
-    // `nodes` connects to every server it lists and measures a ping.
+    // `nodes` connects to every server it lists, measures a ping and the
+    // bandwidth, scores them, selects both (each alone covers half), and
+    // routes through them in block order.
     for server in servers {
         assert!(server["ping_ms"].as_f64().unwrap() > 0.0, "{server}");
+        assert!(
+            server["upload_bps"].as_u64().unwrap() > 0,
+            "probed: {server}"
+        );
+        let score = server["score"]["total"].as_f64().unwrap();
+        assert!(score > 0.0 && score <= 100.0, "{server}");
+        assert_eq!(server["status"], "selected", "{server}");
     }
+    assert_eq!(listing["model_blocks"], 30);
+    assert_eq!(listing["selection"]["uncovered"], serde_json::json!([]));
+    let hops = listing["route"]["hops"].as_array().unwrap();
+    let route: Vec<_> = hops.iter().map(|h| h["name"].as_str().unwrap()).collect();
+    assert_eq!(route, ["alpha", "beta"], "{listing}");
+    // Unchecking a server: the selection says which blocks lost their host.
+    let stdout = common::output_ok(sherpa().args([
+        "nodes",
+        "--json",
+        "--no-probe",
+        "--tracker",
+        &tracker,
+        "--exclude",
+        "alpha",
+    ]));
+    let excluded: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    assert_eq!(
+        excluded["selection"]["uncovered"],
+        serde_json::json!([{"start": 0, "end": 15}])
+    );
+    let notes = excluded["selection"]["notes"].to_string();
+    assert!(
+        notes.contains("0..15") && notes.contains("alpha"),
+        "{notes}"
+    );
+    assert!(excluded["route"].is_null());
+    // The text view shows the same.
+    let text = String::from_utf8(common::output_ok(sherpa().args([
+        "nodes",
+        "--no-probe",
+        "--tracker",
+        &tracker,
+    ])))
+    .unwrap();
+    assert!(text.contains("route: alpha 0..15 -> beta 15..30"), "{text}");
 
     // Ctrl-C withdraws: the server is gone from listings at once, not at expiry.
     let pid = first.0.id().to_string();

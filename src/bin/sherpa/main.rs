@@ -85,6 +85,18 @@ enum Command {
         /// The private swarm's key file, if the swarm has one.
         #[arg(long)]
         swarm_key: Option<PathBuf>,
+        /// How many servers to auto-select.
+        #[arg(long, default_value_t = 10)]
+        max_nodes: usize,
+        /// Always select this server (name or peer id; repeatable).
+        #[arg(long)]
+        pin: Vec<String>,
+        /// Never select this server (name or peer id; repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Skip the bandwidth probe (use the servers' own figures).
+        #[arg(long)]
+        no_probe: bool,
         /// Model id to list.
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: String,
@@ -230,9 +242,23 @@ fn main() -> ExitCode {
             tracker,
             lan,
             swarm_key,
+            max_nodes,
+            pin,
+            exclude,
+            no_probe,
             model,
             json,
-        } => network::nodes(tracker, lan, swarm_key, &model, json),
+        } => network::nodes(network::NodesArgs {
+            tracker,
+            lan,
+            swarm_key,
+            max_nodes,
+            pin,
+            exclude,
+            probe: !no_probe,
+            model,
+            json,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -244,6 +270,7 @@ fn main() -> ExitCode {
 }
 
 mod network;
+mod selector;
 
 /// A progress bar on stderr for model fetches.
 pub(crate) fn fetch_progress() -> impl FnMut(FetchProgress) {

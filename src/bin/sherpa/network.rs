@@ -1,17 +1,23 @@
 //! `sherpa tracker`, `sherpa serve` and `sherpa nodes`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sherpa_swarm::core::{BlockRange, ModelId, ServerInfo};
-use sherpa_swarm::dht::{self, Node, NodeConfig, PeerId, RelayMode, ServerListing, SwarmKey};
+use sherpa_swarm::dht::{
+    self, Bandwidth, Node, NodeConfig, PeerId, RelayMode, ServerListing, SwarmKey,
+};
 use sherpa_swarm::model_store::{self, sherpa_home};
+use sherpa_swarm::score::{
+    plan, select, Candidate, Overrides, RouteOptions, SelectionPolicy, ServerId,
+};
 use sherpa_swarm::shard::{BlockShard, Device, ModelFiles, SessionCache, WeightPrecision};
 use sherpa_swarm::SherpaError;
 
+use crate::selector::NodesView;
 use crate::{RelayArg, ServeArgs};
 
 /// How often a server re-signs its record, and how long each lives.
@@ -218,15 +224,26 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
     })
 }
 
-pub(crate) fn nodes(
-    tracker: Option<String>,
-    lan: bool,
-    swarm_key_path: Option<PathBuf>,
-    model: &str,
-    json: bool,
-) -> Result<(), SherpaError> {
-    let bootstrap = match (tracker, lan) {
-        (Some(tracker), _) => vec![multiaddr(&tracker)?],
+/// What `sherpa nodes` was asked.
+pub(crate) struct NodesArgs {
+    pub tracker: Option<String>,
+    pub lan: bool,
+    pub swarm_key: Option<PathBuf>,
+    pub max_nodes: usize,
+    pub pin: Vec<String>,
+    pub exclude: Vec<String>,
+    pub probe: bool,
+    pub model: String,
+    pub json: bool,
+}
+
+/// Bytes each way of the bandwidth probe `sherpa nodes` runs per server.
+const PROBE_BYTES: u32 = 256 << 10;
+
+pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
+    let lan = args.lan;
+    let bootstrap = match (&args.tracker, lan) {
+        (Some(tracker), _) => vec![multiaddr(tracker)?],
         (None, true) => Vec::new(),
         (None, false) => {
             return Err(SherpaError::Network(
@@ -234,9 +251,9 @@ pub(crate) fn nodes(
             ))
         }
     };
-    let model = ModelId::new(model)?;
+    let model = ModelId::new(&args.model)?;
     let key = dht::identity::ephemeral_node_key();
-    let swarm_key = swarm_key(swarm_key_path.as_deref())?;
+    let swarm_key = swarm_key(args.swarm_key.as_deref())?;
     runtime()?.block_on(async move {
         let listen = if lan {
             "/ip4/0.0.0.0/tcp/0"
@@ -250,87 +267,128 @@ pub(crate) fn nodes(
             .with_swarm_key(swarm_key)
             .with_relay(RelayMode::Never);
         let node = Node::start(config).await.map_err(net)?;
-        // Look until two lookups a moment apart agree: the first ones also
-        // find and connect peers, and mDNS answers take a second or two.
-        let deadline = std::time::Instant::now() + Duration::from_secs(if lan { 8 } else { 4 });
-        let mut listing = node
-            .list_servers(&model, dht::now_ms())
-            .await
-            .map_err(net)?;
-        loop {
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            let again = node
-                .list_servers(&model, dht::now_ms())
-                .await
-                .map_err(net)?;
-            let settled = again.servers.len() == listing.servers.len() && !again.servers.is_empty();
-            if again.servers.len() >= listing.servers.len() {
-                listing = again;
-            }
-            if settled || std::time::Instant::now() > deadline {
-                break;
-            }
-        }
+        let listing = settled_listing(&node, &model, lan).await?;
         let pings = measure_pings(&node, &listing).await?;
-        if json {
-            let servers: Vec<serde_json::Value> = listing
-                .servers
-                .iter()
-                .map(|s| {
-                    let i = &s.info;
-                    serde_json::json!({
-                        "peer_id": s.peer_id.to_string(),
-                        "name": i.public_name,
-                        "model": i.model.as_str(),
-                        "blocks": {"start": i.blocks.start(), "end": i.blocks.end()},
-                        "throughput": i.throughput,
-                        "cache_tokens_free": i.cache_tokens_free,
-                        "upload_bps": i.upload_bps,
-                        "download_bps": i.download_bps,
-                        "hardware": i.hardware.describe(),
-                        "memory_free": i.hardware.memory_free(),
-                        "cpu_cores": i.hardware.cpu_cores,
-                        "software_version": i.software_version,
-                        "expires_at_ms": i.expires_at_ms,
-                        "ping_ms": pings.get(&s.peer_id).map(|d| d.as_secs_f64() * 1000.0),
-                    })
-                })
-                .collect();
-            let out = serde_json::json!({
-                "model": model.as_str(),
-                "servers": servers,
-                "rejected_records": listing.rejected,
-                "expired_records": listing.expired,
-                "missing_records": listing.missing,
-            });
-            println!("{out}");
+        let probes = if args.probe {
+            measure_bandwidth(&node, &listing).await
         } else {
-            println!("{} servers of {model}", listing.servers.len());
-            for s in &listing.servers {
-                let i = &s.info;
-                let ping = pings.get(&s.peer_id).map_or("-".to_string(), |d| {
-                    format!("{:.1}ms", d.as_secs_f64() * 1000.0)
-                });
-                println!(
-                    "  {:<16} blocks {:<8} {:>8.0} blk*tok/s  {} - {:.1} GB free - {ping} ping  {}",
-                    i.public_name,
-                    i.blocks.to_string(),
-                    i.throughput,
-                    i.hardware.describe(),
-                    i.hardware.memory_free() as f64 / 1e9,
-                    s.peer_id
-                );
-            }
-            if listing.rejected + listing.expired > 0 {
-                println!(
-                    "  (dropped {} invalid and {} expired records)",
-                    listing.rejected, listing.expired
-                );
-            }
-        }
+            HashMap::new()
+        };
         node.shutdown().await;
+        let candidates: Vec<Candidate> = listing
+            .servers
+            .iter()
+            .map(|s| {
+                let c = Candidate::from_info(&s.info, pings.get(&s.peer_id).copied());
+                match probes.get(&s.peer_id) {
+                    Some(b) => c.with_probe(b.upload_bps, b.download_bps),
+                    None => c,
+                }
+            })
+            .collect();
+        let overrides = Overrides {
+            pinned: matching(&listing, &args.pin)?,
+            excluded: matching(&listing, &args.exclude)?,
+        };
+        let policy = SelectionPolicy {
+            max_nodes: args.max_nodes,
+            ..SelectionPolicy::default()
+        };
+        let blocks = listing.model_blocks();
+        let selection = if blocks > 0 {
+            Some(select(&candidates, blocks, &policy, &overrides).map_err(net)?)
+        } else {
+            None
+        };
+        let route = selection.as_ref().and_then(|sel| {
+            let chosen: Vec<Candidate> = sel
+                .selected
+                .iter()
+                .map(|&i| candidates[i].clone())
+                .collect();
+            let span = BlockRange::new(0, blocks).ok()?;
+            plan(&chosen, span, &RouteOptions::default(), &Default::default())
+                .ok()
+                .map(|route| (chosen, route))
+        });
+        let view = NodesView {
+            model: &model,
+            blocks,
+            listing: &listing,
+            candidates: &candidates,
+            selection: selection.as_ref(),
+            route: route.as_ref().map(|(c, r)| (c.as_slice(), r)),
+        };
+        if args.json {
+            println!("{}", view.json());
+        } else {
+            view.print();
+        }
         Ok(())
     })
+}
+
+/// Looks until two lookups a moment apart agree: the first ones also find
+/// and connect peers, and mDNS answers take a second or two.
+async fn settled_listing(
+    node: &Node,
+    model: &ModelId,
+    lan: bool,
+) -> Result<ServerListing, SherpaError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(if lan { 8 } else { 4 });
+    let mut listing = node.list_servers(model, dht::now_ms()).await.map_err(net)?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let again = node.list_servers(model, dht::now_ms()).await.map_err(net)?;
+        let settled = again.servers.len() == listing.servers.len() && !again.servers.is_empty();
+        if again.servers.len() >= listing.servers.len() {
+            listing = again;
+        }
+        if settled || std::time::Instant::now() > deadline {
+            return Ok(listing);
+        }
+    }
+}
+
+/// The public keys of listed servers named (by public name or peer id) in
+/// `names`; a name matching nothing is an error.
+fn matching(listing: &ServerListing, names: &[String]) -> Result<HashSet<ServerId>, SherpaError> {
+    let mut ids = HashSet::new();
+    for name in names {
+        let found: Vec<ServerId> = listing
+            .servers
+            .iter()
+            .filter(|s| &s.info.public_name == name || &s.peer_id.to_string() == name)
+            .map(|s| s.info.public_key)
+            .collect();
+        if found.is_empty() {
+            return Err(SherpaError::Network(format!(
+                "no listed server is called {name:?} (use a name or peer id from `sherpa nodes`)"
+            )));
+        }
+        ids.extend(found);
+    }
+    Ok(ids)
+}
+
+/// Probes every listed server's bandwidth at once; failures are left out.
+async fn measure_bandwidth(node: &Node, listing: &ServerListing) -> HashMap<PeerId, Bandwidth> {
+    let mut probes = tokio::task::JoinSet::new();
+    for server in &listing.servers {
+        let (node, peer) = (node.clone(), server.peer_id);
+        probes.spawn(async move { (peer, node.probe(peer, PROBE_BYTES).await) });
+    }
+    let mut found = HashMap::new();
+    while let Some(done) = probes.join_next().await {
+        match done {
+            Ok((peer, Ok(bandwidth))) => {
+                found.insert(peer, bandwidth);
+            }
+            Ok((peer, Err(e))) => tracing::debug!(%peer, error = %e, "bandwidth probe failed"),
+            Err(e) => tracing::debug!(error = %e, "bandwidth probe task failed"),
+        }
+    }
+    found
 }
 
 /// Connects to every listed server (directly or through a relay) and
