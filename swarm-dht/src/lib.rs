@@ -20,7 +20,7 @@ pub mod probe;
 pub use announce::{announce_periodically, now_ms, withdraw};
 pub use error::DhtError;
 pub use identity::{load_or_create_node_key, SwarmKey};
-pub use libp2p::{Multiaddr, PeerId};
+pub use libp2p::{multiaddr, Multiaddr, PeerId};
 pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListing};
 pub use probe::Bandwidth;
 

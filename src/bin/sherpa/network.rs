@@ -172,13 +172,14 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
         RelayArg::Always => RelayMode::Always,
         RelayArg::Never => RelayMode::Never,
     };
-    let bootstrap = args
+    let bootstrap: Vec<dht::Multiaddr> = args
         .tracker
         .as_deref()
         .map(multiaddr)
         .transpose()?
         .into_iter()
         .collect();
+    let tracker_peer = bootstrap.first().and_then(peer_of);
     eprintln!(
         "serving {model} blocks {blocks} ({:.1} MiB of weights, {throughput:.0} blocks x tokens/s)",
         shard.weight_bytes() as f64 / 1048576.0
@@ -210,6 +211,23 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
             format!("sherpa-{}", &id[id.len().saturating_sub(6)..])
         });
         announce_address(&node).await?;
+        // Self-reported bandwidth: a probe to the tracker. Clients measure
+        // their own link to us and prefer that.
+        if let Some(tracker) = tracker_peer {
+            match node.probe(tracker, SELF_PROBE_BYTES).await {
+                Ok(b) => {
+                    // The tracker's upload is our download, and back.
+                    info.upload_bps = b.download_bps;
+                    info.download_bps = b.upload_bps;
+                    eprintln!(
+                        "bandwidth to the tracker: {:.0} Mbit/s up, {:.0} Mbit/s down",
+                        b.download_bps as f64 * 8e-6,
+                        b.upload_bps as f64 * 8e-6
+                    );
+                }
+                Err(e) => eprintln!("could not measure bandwidth to the tracker ({e}); announcing it as unknown"),
+            }
+        }
         let task = dht::announce_periodically(node.clone(), key.clone(), info.clone(), REFRESH, RECORD_TTL);
         eprintln!("announced; inference sessions arrive with the next protocol version. Ctrl-C withdraws and stops.");
         tokio::signal::ctrl_c().await.map_err(net)?;
@@ -235,6 +253,17 @@ pub(crate) struct NodesArgs {
     pub probe: bool,
     pub model: String,
     pub json: bool,
+}
+
+/// Bytes each way of the probe a server runs to its tracker at start-up.
+const SELF_PROBE_BYTES: u32 = 1 << 20;
+
+/// The peer id at the end of a `/p2p/<id>` multiaddr.
+fn peer_of(addr: &dht::Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(dht::multiaddr::Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
 }
 
 /// Bytes each way of the bandwidth probe `sherpa nodes` runs per server.
