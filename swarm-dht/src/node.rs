@@ -798,6 +798,7 @@ impl EventLoop {
                 provide,
                 reply,
             } => {
+                let withdrawing = provide.is_empty();
                 // Provider entries live twice as long as records; sending
                 // them again every half record lifetime is plenty, and
                 // keeps a refresh to one DHT write when nothing changed.
@@ -820,7 +821,15 @@ impl EventLoop {
                 }
                 let mut record = Record::new(key, value);
                 record.publisher = Some(local);
-                match kad.put_record(record, Quorum::One) {
+                // A withdrawal (nothing provided) waits for every closest
+                // peer, so no peer keeps serving the live record after the
+                // server has gone.
+                let quorum = if withdrawing {
+                    Quorum::All
+                } else {
+                    Quorum::One
+                };
+                match kad.put_record(record, quorum) {
                     Ok(id) => {
                         self.puts.insert(id, reply);
                     }

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use swarm_core::{BlockRange, ModelId, NodeKey, ServerInfo};
@@ -326,7 +328,7 @@ async fn hostile_records_and_garbage_bytes_do_not_disturb_lookups() {
 /// and keeps answering lookups.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_inside_protocol_streams_is_dropped() {
-    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    use futures::{AsyncReadExt, AsyncWriteExt};
     let model = ModelId::new("stream-garbage-test").unwrap();
     let tracker = Node::start(NodeConfig::new(NodeKey::from_seed(seed(120))))
         .await
@@ -340,26 +342,7 @@ async fn garbage_inside_protocol_streams_is_dropped() {
     let info = info(&server_key, &model, BlockRange::new(0, 4).unwrap());
     let _task = announce_periodically(server, server_key, info, REFRESH, TTL);
 
-    // A bare libp2p peer that can open raw streams.
-    let streams = libp2p_stream::Behaviour::new();
-    let mut control = streams.new_control();
-    let mut attacker = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| streams)
-        .unwrap()
-        .build();
-    attacker.dial(tracker_addr.clone()).unwrap();
-    let driver = tokio::spawn(async move {
-        loop {
-            attacker.select_next_some().await;
-        }
-    });
+    let (mut control, driver) = common::raw_peer(tracker_addr.clone());
     let tracker_id = tracker.peer_id();
     let protocols = [
         swarm_dht::KAD_PROTOCOL,

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use swarm_core::{BlockRange, ModelId, NodeKey, ServerInfo};
@@ -113,25 +115,7 @@ async fn the_bandwidth_probe_measures_both_ways_and_refuses_abuse() {
 
     // A raw peer asks for more than the cap, and sends a garbage request:
     // both streams end without an answer, and probes still work after.
-    let streams = libp2p_stream::Behaviour::new();
-    let mut control = streams.new_control();
-    let mut raw = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| streams)
-        .unwrap()
-        .build();
-    raw.dial(at).unwrap();
-    let driver = tokio::spawn(async move {
-        loop {
-            futures::StreamExt::select_next_some(&mut raw).await;
-        }
-    });
+    let (mut control, driver) = common::raw_peer(at);
     let huge = swarm_core::codec::encode(&swarm_dht::probe::ProbeRequest {
         version: swarm_dht::probe::PROBE_VERSION,
         upload: 1,

@@ -75,35 +75,7 @@ enum Command {
     /// Host a span of a model's blocks and announce it to the swarm.
     Serve(ServeArgs),
     /// List the servers of a model, with their records and measured ping.
-    Nodes {
-        /// Tracker multiaddr, ending in /p2p/<peer id>.
-        #[arg(long)]
-        tracker: Option<String>,
-        /// Discover on the local network.
-        #[arg(long, conflicts_with = "tracker")]
-        lan: bool,
-        /// The private swarm's key file, if the swarm has one.
-        #[arg(long)]
-        swarm_key: Option<PathBuf>,
-        /// How many servers to auto-select.
-        #[arg(long, default_value_t = 10)]
-        max_nodes: usize,
-        /// Always select this server (name or peer id; repeatable).
-        #[arg(long)]
-        pin: Vec<String>,
-        /// Never select this server (name or peer id; repeatable).
-        #[arg(long)]
-        exclude: Vec<String>,
-        /// Skip the bandwidth probe (use the servers' own figures).
-        #[arg(long)]
-        no_probe: bool,
-        /// Model id to list.
-        #[arg(long, default_value = DEFAULT_MODEL)]
-        model: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Nodes(NodesArgs),
     /// Measure speed on the default model; comparisons are ratios from one run.
     Bench {
         /// One JSON object per line: name, value, unit (+ ratio, target).
@@ -154,6 +126,37 @@ struct ServeArgs {
     /// Where the server keeps its identity key (default: $SHERPA_HOME/server).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct NodesArgs {
+    /// Tracker multiaddr, ending in /p2p/<peer id>.
+    #[arg(long)]
+    tracker: Option<String>,
+    /// Discover on the local network.
+    #[arg(long, conflicts_with = "tracker")]
+    lan: bool,
+    /// The private swarm's key file, if the swarm has one.
+    #[arg(long)]
+    swarm_key: Option<PathBuf>,
+    /// How many servers to auto-select.
+    #[arg(long, default_value_t = 10)]
+    max_nodes: usize,
+    /// Always select this server (name or peer id; repeatable).
+    #[arg(long)]
+    pin: Vec<String>,
+    /// Never select this server (name or peer id; repeatable).
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Skip the bandwidth probe (use the servers' own figures).
+    #[arg(long)]
+    no_probe: bool,
+    /// Model id to list.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -238,27 +241,7 @@ fn main() -> ExitCode {
         } => network::tracker(listen, data_dir, swarm_key),
         Command::SwarmKey { out } => network::swarm_key_file(&out),
         Command::Serve(args) => network::serve(args),
-        Command::Nodes {
-            tracker,
-            lan,
-            swarm_key,
-            max_nodes,
-            pin,
-            exclude,
-            no_probe,
-            model,
-            json,
-        } => network::nodes(network::NodesArgs {
-            tracker,
-            lan,
-            swarm_key,
-            max_nodes,
-            pin,
-            exclude,
-            probe: !no_probe,
-            model,
-            json,
-        }),
+        Command::Nodes(args) => network::nodes(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,7 +18,7 @@ use sherpa_swarm::shard::{BlockShard, Device, ModelFiles, SessionCache, WeightPr
 use sherpa_swarm::SherpaError;
 
 use crate::selector::NodesView;
-use crate::{RelayArg, ServeArgs};
+use crate::{NodesArgs, RelayArg, ServeArgs};
 
 /// How often a server re-signs its record, and how long each lives.
 const REFRESH: Duration = Duration::from_secs(30);
@@ -242,19 +242,6 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
     })
 }
 
-/// What `sherpa nodes` was asked.
-pub(crate) struct NodesArgs {
-    pub tracker: Option<String>,
-    pub lan: bool,
-    pub swarm_key: Option<PathBuf>,
-    pub max_nodes: usize,
-    pub pin: Vec<String>,
-    pub exclude: Vec<String>,
-    pub probe: bool,
-    pub model: String,
-    pub json: bool,
-}
-
 /// Bytes each way of the probe a server runs to its tracker at start-up.
 const SELF_PROBE_BYTES: u32 = 1 << 20;
 
@@ -298,7 +285,7 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
         let node = Node::start(config).await.map_err(net)?;
         let listing = settled_listing(&node, &model, lan).await?;
         let pings = measure_pings(&node, &listing).await?;
-        let probes = if args.probe {
+        let probes = if !args.no_probe {
             measure_bandwidth(&node, &listing).await
         } else {
             HashMap::new()
