@@ -9,6 +9,7 @@ mod block_range;
 pub mod codec;
 mod error;
 mod hardware;
+pub mod infer;
 mod model_id;
 pub mod record;
 pub mod tensor_frame;

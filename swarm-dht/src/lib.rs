@@ -16,6 +16,7 @@ pub mod identity;
 pub mod keys;
 pub mod node;
 pub mod probe;
+pub mod wire;
 
 pub use announce::{announce_periodically, now_ms, withdraw};
 pub use error::DhtError;

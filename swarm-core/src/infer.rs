@@ -1,0 +1,264 @@
+//! The inference protocol's control messages (`/sherpa/infer/1.0.0`).
+//!
+//! A client opens one stream per hop and keeps it for the session. On the
+//! stream, every message is a 4-byte little-endian length and a bincode
+//! [`Request`] or [`Response`] (at most [`crate::codec::MAX_CONTROL_MESSAGE`]
+//! bytes); a [`Request::Step`] and a [`Response::Stepped`] are followed by
+//! one tensor frame ([`crate::tensor_frame`]) holding the hidden states of
+//! the step's positions, shape `[1, positions, hidden]`.
+//!
+//! ```text
+//! client                                server
+//! Open{model, blocks, max_length, dtype} ->
+//!                                        <- Opened{hidden, cache_tokens_free} | Refused
+//! Step{start, positions} + frame      ->
+//!                                        <- Stepped{positions} + frame | Refused | Failed
+//! ...
+//! Close                               ->   (the server frees the cache)
+//! ```
+//!
+//! A step must start where the session's cache ends, so a client that
+//! lost a server replays its stored inputs into a fresh session from 0.
+
+use bincode::{Decode, Encode};
+
+use crate::tensor_frame::WireDType;
+use crate::{BlockRange, ModelId};
+
+/// Version of these messages; [`OpenSession::version`] carries it.
+pub const INFER_VERSION: u16 = 1;
+
+/// The tensor element type, as it travels in control messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum Dtype {
+    /// Exact f32 activations.
+    F32,
+    /// f16 activations: half the bytes (the default).
+    F16,
+}
+
+impl From<Dtype> for WireDType {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => WireDType::F32,
+            Dtype::F16 => WireDType::F16,
+        }
+    }
+}
+
+/// What a client asks for when it opens a session.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct OpenSession {
+    /// [`INFER_VERSION`] of the client.
+    pub version: u16,
+    /// The model.
+    pub model: ModelId,
+    /// The blocks this hop runs (within what the server hosts).
+    pub blocks: BlockRange,
+    /// Most positions the session will hold (prompt + generated tokens);
+    /// the server reserves KV cache for this many.
+    pub max_length: u32,
+    /// Element type of the hidden states both ways.
+    pub dtype: Dtype,
+}
+
+/// Client to server.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Request {
+    /// Opens the session; must be the first message.
+    Open(OpenSession),
+    /// Runs the blocks on `positions` new positions starting at position
+    /// `start`; a tensor frame follows.
+    Step {
+        /// First position; equals the positions already in the cache.
+        start: u32,
+        /// How many positions the frame holds.
+        positions: u32,
+    },
+    /// Drops cached positions from `keep` on.
+    Truncate {
+        /// Positions to keep.
+        keep: u32,
+    },
+    /// Ends the session; the server frees its cache.
+    Close,
+}
+
+/// Why a server will not do what was asked. The session (if open) stays
+/// usable after a refused step; a refused open ends the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Refusal {
+    /// Not enough KV cache memory left for `max_length` positions now.
+    Busy {
+        /// Positions asked for.
+        needed: u32,
+        /// Positions the server could still give.
+        free: u64,
+    },
+    /// The server does not host (all of) those blocks.
+    NotHosted {
+        /// What it hosts.
+        hosted: BlockRange,
+    },
+    /// The server hosts another model.
+    WrongModel {
+        /// The model it serves.
+        served: ModelId,
+    },
+    /// The client speaks another protocol version.
+    Version {
+        /// The version the server speaks.
+        supported: u16,
+    },
+    /// The step does not continue the session: it starts elsewhere, or
+    /// runs past `max_length`.
+    BadStep {
+        /// Where the next step must start.
+        expected_start: u32,
+        /// The session's length limit.
+        max_length: u32,
+    },
+    /// A message arrived out of order (a step before opening, a second
+    /// open).
+    Unexpected,
+}
+
+/// Server to client.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Response {
+    /// The session is open.
+    Opened {
+        /// Hidden size the frames must have.
+        hidden: u32,
+        /// KV cache positions the server can still give others.
+        cache_tokens_free: u64,
+    },
+    /// The step ran; the span's output frame follows.
+    Stepped {
+        /// Positions in the frame.
+        positions: u32,
+    },
+    /// The cache was truncated.
+    Truncated,
+    /// Not done, and why.
+    Refused(Refusal),
+    /// The server failed computing; the session is closed.
+    Failed {
+        /// What went wrong, for the client's log.
+        message: String,
+    },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Busy { needed, free } => write!(
+                f,
+                "the server is full: {needed} cache positions asked, {free} free"
+            ),
+            Refusal::NotHosted { hosted } => write!(f, "the server hosts blocks {hosted} only"),
+            Refusal::WrongModel { served } => write!(f, "the server serves {served}"),
+            Refusal::Version { supported } => write!(
+                f,
+                "the server speaks inference protocol version {supported}; upgrade one side"
+            ),
+            Refusal::BadStep {
+                expected_start,
+                max_length,
+            } => write!(
+                f,
+                "the step must start at position {expected_start} and stay within {max_length}"
+            ),
+            Refusal::Unexpected => f.write_str("message out of order"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+    use proptest::prelude::*;
+
+    fn arb_request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (0u32..1000, 1u32..100, 1u32..1_000_000, any::<bool>()).prop_map(|(s, l, max, f16)| {
+                Request::Open(OpenSession {
+                    version: INFER_VERSION,
+                    model: ModelId::new("smollm2-135m").unwrap(),
+                    blocks: BlockRange::new(s, s + l).unwrap(),
+                    max_length: max,
+                    dtype: if f16 { Dtype::F16 } else { Dtype::F32 },
+                })
+            }),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(start, positions)| Request::Step { start, positions }),
+            any::<u32>().prop_map(|keep| Request::Truncate { keep }),
+            Just(Request::Close),
+        ]
+    }
+
+    fn arb_response() -> impl Strategy<Value = Response> {
+        prop_oneof![
+            (any::<u32>(), any::<u64>()).prop_map(|(hidden, cache_tokens_free)| Response::Opened {
+                hidden,
+                cache_tokens_free
+            }),
+            any::<u32>().prop_map(|positions| Response::Stepped { positions }),
+            Just(Response::Truncated),
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(needed, free)| Response::Refused(Refusal::Busy { needed, free })),
+            (0u32..100).prop_map(|s| Response::Refused(Refusal::NotHosted {
+                hosted: BlockRange::new(s, s + 1).unwrap()
+            })),
+            Just(Response::Refused(Refusal::WrongModel {
+                served: ModelId::new("m").unwrap()
+            })),
+            any::<u16>().prop_map(|supported| Response::Refused(Refusal::Version { supported })),
+            (any::<u32>(), any::<u32>()).prop_map(
+                |(expected_start, max_length)| Response::Refused(Refusal::BadStep {
+                    expected_start,
+                    max_length
+                })
+            ),
+            Just(Response::Refused(Refusal::Unexpected)),
+            "[ -~]{0,200}".prop_map(|message| Response::Failed { message }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(request in arb_request()) {
+            let bytes = codec::encode(&request).unwrap();
+            prop_assert_eq!(codec::decode::<Request>(&bytes).unwrap(), request);
+        }
+
+        #[test]
+        fn responses_round_trip(response in arb_response()) {
+            let bytes = codec::encode(&response).unwrap();
+            prop_assert_eq!(codec::decode::<Response>(&bytes).unwrap(), response);
+        }
+
+        #[test]
+        fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = codec::decode::<Request>(&bytes);
+            let _ = codec::decode::<Response>(&bytes);
+        }
+    }
+
+    #[test]
+    fn an_open_with_an_inverted_block_range_does_not_decode() {
+        let open = Request::Open(OpenSession {
+            version: INFER_VERSION,
+            model: ModelId::new("m").unwrap(),
+            blocks: BlockRange::new(0, 4).unwrap(),
+            max_length: 16,
+            dtype: Dtype::F16,
+        });
+        let mut bytes = codec::encode(&open).unwrap();
+        // Swap the range's ends (start 0, end 4 -> start 4, end 0).
+        let at = bytes.iter().rposition(|b| *b == 4).unwrap();
+        bytes.swap(at, at - 1);
+        assert!(codec::decode::<Request>(&bytes).is_err());
+    }
+}
