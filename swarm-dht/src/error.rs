@@ -33,6 +33,9 @@ pub enum DhtError {
     /// The node's event loop has stopped.
     #[error("the node has stopped")]
     Stopped,
+    /// A server would not open a session or run a step.
+    #[error("refused: {0}")]
+    Refused(swarm_core::infer::Refusal),
     /// Invalid shared values (records, messages).
     #[error(transparent)]
     Core(#[from] swarm_core::CoreError),

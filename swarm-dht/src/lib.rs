@@ -7,7 +7,8 @@
 //! private swarm under a [`SwarmKey`]; circuit relay v2, AutoNAT and DCUtR
 //! for nodes behind NAT) that joins through bootstrap peers, announces
 //! signed server records in Kademlia and lists a model's servers with their
-//! records verified.
+//! records verified, measures bandwidth ([`probe`]), and serves and opens
+//! inference sessions ([`session`], on the [`wire`] framing).
 
 pub mod admission;
 pub mod announce;
@@ -16,6 +17,7 @@ pub mod identity;
 pub mod keys;
 pub mod node;
 pub mod probe;
+pub mod session;
 pub mod wire;
 
 pub use announce::{announce_periodically, now_ms, withdraw};
@@ -24,6 +26,7 @@ pub use identity::{load_or_create_node_key, SwarmKey};
 pub use libp2p::{multiaddr, Multiaddr, PeerId};
 pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListing};
 pub use probe::Bandwidth;
+pub use session::{InferenceService, RemoteSession};
 
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";

@@ -4,6 +4,7 @@
 //! wait (rust-libp2p's file-sharing example, with limits).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::Either;
@@ -31,6 +32,7 @@ use crate::error::DhtError;
 use crate::identity::SwarmKey;
 use crate::keys::{block_key, keypair, model_key, peer_id_of, server_record_key};
 use crate::probe;
+use crate::session::{self, InferenceService, RemoteSession};
 use crate::KAD_PROTOCOL;
 
 /// Settings of a node.
@@ -57,6 +59,8 @@ pub struct NodeConfig {
     pub relay_server: bool,
     /// When to make this node reachable through its bootstrap peers' relays.
     pub relay: RelayMode,
+    /// The inference sessions this node serves, if it is a server.
+    pub inference: Option<Arc<InferenceService>>,
 }
 
 /// When a node listens through a relay (circuit relay v2) on its bootstrap
@@ -88,7 +92,14 @@ impl NodeConfig {
             swarm_key: None,
             relay_server: false,
             relay: RelayMode::Auto,
+            inference: None,
         }
+    }
+
+    /// Serves inference sessions with `service`.
+    pub fn with_inference(mut self, service: Arc<InferenceService>) -> Self {
+        self.inference = Some(service);
+        self
     }
 
     /// Joins only the private swarm of `key`.
@@ -306,6 +317,15 @@ impl Node {
         let probes = control
             .accept(probe::PROBE_PROTOCOL)
             .map_err(|e| DhtError::Transport(e.to_string()))?;
+        let sessions = match &config.inference {
+            Some(service) => Some((
+                service.clone(),
+                control
+                    .accept(session::INFER_STREAM)
+                    .map_err(|e| DhtError::Transport(e.to_string()))?,
+            )),
+            None => None,
+        };
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
             .with_tokio()
             .with_other_transport(|key| {
@@ -458,6 +478,9 @@ impl Node {
         };
         tokio::spawn(event_loop.run(early));
         tokio::spawn(probe::serve_probes(probes));
+        if let Some((service, incoming)) = sessions {
+            tokio::spawn(service.serve(incoming));
+        }
         tokio::time::timeout(timeout, joined)
             .await
             .map_err(|_| DhtError::Timeout("joining through the bootstrap peers"))?
@@ -643,6 +666,20 @@ impl Node {
             .await
             .map_err(|_| DhtError::Timeout("opening a probe"))??;
         probe::run_probe(stream, bytes, self.timeout).await
+    }
+
+    /// Opens an inference session with `peer` for one hop.
+    pub async fn open_session(
+        &self,
+        peer: PeerId,
+        open: swarm_core::infer::OpenSession,
+    ) -> Result<RemoteSession, DhtError> {
+        self.connect(peer, Vec::new()).await?;
+        let mut control = self.control.clone();
+        let stream = tokio::time::timeout(self.timeout, session::open_stream(&mut control, peer))
+            .await
+            .map_err(|_| DhtError::Timeout("opening a session"))??;
+        RemoteSession::open(stream, open, self.timeout).await
     }
 
     /// What this node refused to store for others.

@@ -68,6 +68,23 @@ impl BlockShard {
         self.blocks.iter().map(LlamaBlock::weight_bytes).sum()
     }
 
+    /// Opens a session cache for `span` (all or part of this shard's
+    /// blocks), reserving room for `max_tokens` positions from `budget`.
+    pub fn new_session_for(
+        &self,
+        span: BlockRange,
+        max_tokens: usize,
+        budget: &Arc<CacheBudget>,
+    ) -> Result<SessionCache> {
+        if span.start() < self.range.start() || span.end() > self.range.end() {
+            return Err(ShardError::BadSettings(format!(
+                "blocks {span} are not all in this shard's {}",
+                self.range
+            )));
+        }
+        SessionCache::new(&self.config, span, max_tokens, budget)
+    }
+
     /// Opens a session cache for this span, reserving room for `max_tokens`
     /// positions from `budget`.
     pub fn new_session(
@@ -78,7 +95,8 @@ impl BlockShard {
         SessionCache::new(&self.config, self.range, max_tokens, budget)
     }
 
-    /// Runs the span on the hidden states of the next positions of a session.
+    /// Runs the session's blocks (the cache's span, all or part of this
+    /// shard's) on the hidden states of its next positions.
     ///
     /// `hidden` is (1, new_positions, hidden_size); the result has the same
     /// shape. Positions continue from what `cache` already holds.
@@ -92,13 +110,14 @@ impl BlockShard {
                 actual: dims.to_vec(),
             });
         }
-        if cache.range() != self.range {
+        let span = cache.range();
+        if span.start() < self.range.start() || span.end() > self.range.end() {
             return Err(ShardError::BadSettings(format!(
-                "session cache is for blocks {} but this shard computes {}",
-                cache.range(),
+                "session cache is for blocks {span} but this shard computes {}",
                 self.range
             )));
         }
+        let first = (span.start() - self.range.start()) as usize;
         let seq = dims[1];
         cache.check_room(seq)?;
         let start = cache.len();
@@ -116,7 +135,8 @@ impl BlockShard {
             max_tokens: cache.max_tokens(),
         };
         let mut xs = hidden.to_dtype(candle_core::DType::F32)?;
-        for (offset, block) in self.blocks.iter().enumerate() {
+        let blocks = self.blocks.iter().skip(first).take(span.len() as usize);
+        for (offset, block) in blocks.enumerate() {
             let kv = cache.layer(offset).ok_or_else(|| {
                 ShardError::BadSettings("session cache has fewer layers than the shard".into())
             })?;

@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+pub use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -14,7 +14,9 @@ use sherpa_swarm::model_store::{self, sherpa_home};
 use sherpa_swarm::score::{
     plan, select, Candidate, Overrides, RouteOptions, SelectionPolicy, ServerId,
 };
-use sherpa_swarm::shard::{BlockShard, Device, ModelFiles, SessionCache, WeightPrecision};
+use sherpa_swarm::shard::{
+    BlockShard, CacheBudget, Device, ModelFiles, SessionCache, WeightPrecision,
+};
 use sherpa_swarm::SherpaError;
 
 use crate::selector::NodesView;
@@ -184,6 +186,11 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
         "serving {model} blocks {blocks} ({:.1} MiB of weights, {throughput:.0} blocks x tokens/s)",
         shard.weight_bytes() as f64 / 1048576.0
     );
+    let service = Arc::new(dht::InferenceService::new(
+        model.clone(),
+        shard.clone(),
+        CacheBudget::new(cache_bytes),
+    ));
     runtime()?.block_on(async move {
         let node = Node::start(
             NodeConfig::new(key.clone())
@@ -192,7 +199,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
                 .with_mdns(args.lan)
                 .with_swarm_key(swarm_key)
                 .with_relay(relay)
-                .with_record_ttl(RECORD_TTL),
+                .with_record_ttl(RECORD_TTL)
+                .with_inference(service),
         )
         .await
         .map_err(net)?;
@@ -225,16 +233,27 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
                         b.upload_bps as f64 * 8e-6
                     );
                 }
-                Err(e) => eprintln!("could not measure bandwidth to the tracker ({e}); announcing it as unknown"),
+                Err(e) => eprintln!(
+                    "could not measure bandwidth to the tracker ({e}); announcing it as unknown"
+                ),
             }
         }
-        let task = dht::announce_periodically(node.clone(), key.clone(), info.clone(), REFRESH, RECORD_TTL);
-        eprintln!("announced; inference sessions arrive with the next protocol version. Ctrl-C withdraws and stops.");
+        let task = dht::announce_periodically(
+            node.clone(),
+            key.clone(),
+            info.clone(),
+            REFRESH,
+            RECORD_TTL,
+        );
+        eprintln!("announced; serving inference sessions. Ctrl-C withdraws and stops.");
         tokio::signal::ctrl_c().await.map_err(net)?;
         task.abort();
         match dht::withdraw(&node, &key, &info).await {
             Ok(()) => eprintln!("withdrawn"),
-            Err(e) => eprintln!("could not withdraw ({e}); the record expires in {}s", RECORD_TTL.as_secs()),
+            Err(e) => eprintln!(
+                "could not withdraw ({e}); the record expires in {}s",
+                RECORD_TTL.as_secs()
+            ),
         }
         node.shutdown().await;
         drop(shard);

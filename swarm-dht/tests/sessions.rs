@@ -1,0 +1,249 @@
+//! Inference sessions over real nodes on loopback, with a tiny random model:
+//! two hops over parts of one server's span give what the span computes
+//! locally; the memory budget refuses what it cannot hold; closed, broken
+//! and idle sessions give their cache back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use swarm_core::infer::{Dtype, OpenSession, Refusal, INFER_VERSION};
+use swarm_core::{BlockRange, ModelId, NodeKey};
+use swarm_dht::{DhtError, InferenceService, Node, NodeConfig};
+use swarm_shard::tiny::TinyModelSpec;
+use swarm_shard::{
+    BlockShard, CacheBudget, ClientHead, DType, Device, ModelFiles, SessionCache, WeightPrecision,
+};
+
+struct Setup {
+    files: ModelFiles,
+    shard: Arc<BlockShard>,
+    budget: Arc<CacheBudget>,
+    server: Node,
+    client: Node,
+}
+
+fn key(i: u8) -> NodeKey {
+    let mut seed = [0u8; 32];
+    seed[0] = i;
+    seed[1] = 0x77;
+    NodeKey::from_seed(seed)
+}
+
+fn model() -> ModelId {
+    ModelId::new("tiny").unwrap()
+}
+
+/// A server of all 4 blocks of a tiny model with `budget_sessions` sessions'
+/// worth of cache (2 blocks, 16 positions each), and a client.
+async fn setup(name: &str, budget_sessions: u64, idle: Duration) -> Setup {
+    let dir = std::env::temp_dir().join(format!("sherpa-sessions-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny.gguf");
+    TinyModelSpec::default()
+        .write_gguf(&path, swarm_shard::tiny::GgmlDType::F32)
+        .unwrap();
+    let files = ModelFiles::open(&path).unwrap();
+    let shard = Arc::new(
+        BlockShard::load(
+            &files,
+            BlockRange::new(0, 4).unwrap(),
+            &Device::Cpu,
+            WeightPrecision::Native,
+        )
+        .unwrap(),
+    );
+    let per_session = SessionCache::bytes_needed(
+        files.config(),
+        BlockRange::new(0, 2).unwrap(),
+        16,
+        DType::F32,
+    );
+    let budget = CacheBudget::new(per_session * budget_sessions);
+    let service =
+        InferenceService::new(model(), shard.clone(), budget.clone()).with_idle_timeout(idle);
+    let server = Node::start(NodeConfig::new(key(1)).with_inference(Arc::new(service)))
+        .await
+        .unwrap();
+    let at = server.listen_addrs().await.unwrap()[0].clone();
+    let client = Node::start(NodeConfig::new(key(2)).with_bootstrap(vec![at]))
+        .await
+        .unwrap();
+    Setup {
+        files,
+        shard,
+        budget,
+        server,
+        client,
+    }
+}
+
+fn open(blocks: (u32, u32), dtype: Dtype) -> OpenSession {
+    OpenSession {
+        version: INFER_VERSION,
+        model: model(),
+        blocks: BlockRange::new(blocks.0, blocks.1).unwrap(),
+        max_length: 16,
+        dtype,
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Waits (bounded) until the server's whole budget is free again.
+async fn budget_returns(budget: &CacheBudget) -> bool {
+    let started = Instant::now();
+    while budget.available() != budget.limit() {
+        if started.elapsed() > Duration::from_secs(20) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hops_equal_the_local_span() {
+    let s = setup("hops", 4, Duration::from_secs(60)).await;
+    let head = ClientHead::load(&s.files, &Device::Cpu, WeightPrecision::Native).unwrap();
+    let budget = CacheBudget::unlimited();
+    let mut local = s.shard.new_session(16, &budget).unwrap();
+    for dtype in [Dtype::F32, Dtype::F16] {
+        let mut first = s
+            .client
+            .open_session(s.server.peer_id(), open((0, 2), dtype))
+            .await
+            .unwrap();
+        let mut second = s
+            .client
+            .open_session(s.server.peer_id(), open((2, 4), dtype))
+            .await
+            .unwrap();
+        let mut local_dtype = s.shard.new_session(16, &budget).unwrap();
+        std::mem::swap(&mut local, &mut local_dtype);
+        // A prefill of 5 positions, then 3 single steps.
+        for ids in [&[3u32, 17, 42, 99, 5][..], &[7], &[200], &[11]] {
+            let x = head.embed(ids).unwrap();
+            let want: Vec<f32> = s
+                .shard
+                .forward(&x, &mut local)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let mid = first.step(&x).await.unwrap();
+            let got = second.step(&mid).await.unwrap();
+            let tolerance = if dtype == Dtype::F32 { 1e-5 } else { 5e-2 };
+            let diff = max_diff(&got, &want);
+            assert!(diff < tolerance, "{dtype:?}: differs by {diff}");
+        }
+        assert_eq!(first.len(), 8);
+        first.close().await.unwrap();
+        second.close().await.unwrap();
+    }
+    assert!(
+        budget_returns(&s.budget).await,
+        "closed sessions free their cache"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_refuses_clearly_and_bad_requests_are_refused() {
+    let s = setup("budget", 1, Duration::from_secs(60)).await;
+    let peer = s.server.peer_id();
+    let held = s
+        .client
+        .open_session(peer, open((0, 2), Dtype::F16))
+        .await
+        .unwrap();
+    match s.client.open_session(peer, open((2, 4), Dtype::F16)).await {
+        Err(DhtError::Refused(Refusal::Busy { needed: 16, free })) => assert!(free < 16),
+        other => panic!("expected a Busy refusal, got {other:?}"),
+    }
+    // Not hosted, wrong model, wrong version.
+    let mut beyond = open((2, 6), Dtype::F16);
+    beyond.blocks = BlockRange::new(2, 6).unwrap();
+    assert!(matches!(
+        s.client.open_session(peer, beyond).await,
+        Err(DhtError::Refused(Refusal::NotHosted { .. }))
+    ));
+    let mut other_model = open((0, 2), Dtype::F16);
+    other_model.model = ModelId::new("other").unwrap();
+    assert!(matches!(
+        s.client.open_session(peer, other_model).await,
+        Err(DhtError::Refused(Refusal::WrongModel { .. }))
+    ));
+    let mut future = open((0, 2), Dtype::F16);
+    future.version = INFER_VERSION + 1;
+    assert!(matches!(
+        s.client.open_session(peer, future).await,
+        Err(DhtError::Refused(Refusal::Version { .. }))
+    ));
+    // A session dropped without closing (stream reset) frees its cache.
+    drop(held);
+    assert!(
+        budget_returns(&s.budget).await,
+        "a broken session frees its cache"
+    );
+    let again = s
+        .client
+        .open_session(peer, open((2, 4), Dtype::F16))
+        .await
+        .unwrap();
+    again.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_time_out_and_garbage_ends_only_its_stream() {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let s = setup("idle", 2, Duration::from_millis(500)).await;
+    let peer = s.server.peer_id();
+    let idle = s
+        .client
+        .open_session(peer, open((0, 2), Dtype::F16))
+        .await
+        .unwrap();
+    assert!(s.budget.available() < s.budget.limit());
+    assert!(
+        budget_returns(&s.budget).await,
+        "an idle session is closed and freed"
+    );
+    drop(idle);
+
+    let at = s.server.listen_addrs().await.unwrap()[0].clone();
+    let (mut control, driver) = common::raw_peer(at);
+    for garbage in [
+        vec![0xFFu8; 64],
+        u32::MAX.to_le_bytes().to_vec(),
+        vec![3, 0, 0, 0, 9, 9, 9],
+    ] {
+        let mut stream = control
+            .open_stream(peer, swarm_dht::session::INFER_STREAM)
+            .await
+            .unwrap();
+        let _ = stream.write_all(&garbage).await;
+        let mut answer = Vec::new();
+        let ended =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        assert!(ended.is_ok(), "the server ends a garbage stream");
+    }
+    driver.abort();
+    let mut session = s
+        .client
+        .open_session(peer, open((0, 2), Dtype::F32))
+        .await
+        .unwrap();
+    let out = session.step(&vec![0.1; 64]).await.unwrap();
+    assert_eq!(out.len(), 64);
+}
