@@ -74,7 +74,7 @@ enum Command {
     },
     /// Host a span of a model's blocks and announce it to the swarm.
     Serve(ServeArgs),
-    /// List the servers of a model, with their records and measured ping.
+    /// Rank a model's servers by Performance Score, auto-select a covering set, and show the route.
     Nodes(NodesArgs),
     /// Measure speed on the default model; comparisons are ratios from one run.
     Bench {
@@ -104,15 +104,8 @@ struct ServeArgs {
     /// Addresses to listen on (repeatable) [default: TCP and QUIC, random ports, all interfaces].
     #[arg(long)]
     listen: Vec<String>,
-    /// Tracker multiaddr, ending in /p2p/<peer id>.
-    #[arg(long)]
-    tracker: Option<String>,
-    /// Discover peers on the local network instead of a tracker.
-    #[arg(long, conflicts_with = "tracker")]
-    lan: bool,
-    /// Join a private swarm: only nodes holding this key file can connect.
-    #[arg(long)]
-    swarm_key: Option<PathBuf>,
+    #[command(flatten)]
+    swarm: SwarmArgs,
     /// When to be reachable through the tracker's relay: auto (when AutoNAT
     /// finds this node unreachable), always, or never.
     #[arg(long, value_enum, default_value_t = RelayArg::Auto)]
@@ -128,17 +121,24 @@ struct ServeArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// How a node finds its swarm.
 #[derive(Args, Debug)]
-struct NodesArgs {
+struct SwarmArgs {
     /// Tracker multiaddr, ending in /p2p/<peer id>.
     #[arg(long)]
     tracker: Option<String>,
-    /// Discover on the local network.
+    /// Discover peers on the local network instead of a tracker.
     #[arg(long, conflicts_with = "tracker")]
     lan: bool,
-    /// The private swarm's key file, if the swarm has one.
+    /// A private swarm's key file: only nodes holding it can connect.
     #[arg(long)]
     swarm_key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct NodesArgs {
+    #[command(flatten)]
+    swarm: SwarmArgs,
     /// How many servers to auto-select.
     #[arg(long, default_value_t = 10)]
     max_nodes: usize,

@@ -167,7 +167,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
             .unwrap_or_else(|| sherpa_home().join("server")),
     )
     .map_err(net)?;
-    let swarm_key = swarm_key(args.swarm_key.as_deref())?;
+    let swarm_key = swarm_key(args.swarm.swarm_key.as_deref())?;
     let listen = listen_addrs(&args.listen, 0, swarm_key.is_some())?;
     let relay = match args.relay {
         RelayArg::Auto => RelayMode::Auto,
@@ -175,6 +175,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
         RelayArg::Never => RelayMode::Never,
     };
     let bootstrap: Vec<dht::Multiaddr> = args
+        .swarm
         .tracker
         .as_deref()
         .map(multiaddr)
@@ -196,7 +197,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
             NodeConfig::new(key.clone())
                 .with_listen(listen)
                 .with_bootstrap(bootstrap)
-                .with_mdns(args.lan)
+                .with_mdns(args.swarm.lan)
                 .with_swarm_key(swarm_key)
                 .with_relay(relay)
                 .with_record_ttl(RECORD_TTL)
@@ -276,8 +277,8 @@ fn peer_of(addr: &dht::Multiaddr) -> Option<PeerId> {
 const PROBE_BYTES: u32 = 256 << 10;
 
 pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
-    let lan = args.lan;
-    let bootstrap = match (&args.tracker, lan) {
+    let lan = args.swarm.lan;
+    let bootstrap = match (&args.swarm.tracker, lan) {
         (Some(tracker), _) => vec![multiaddr(tracker)?],
         (None, true) => Vec::new(),
         (None, false) => {
@@ -288,7 +289,7 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
     };
     let model = ModelId::new(&args.model)?;
     let key = dht::identity::ephemeral_node_key();
-    let swarm_key = swarm_key(args.swarm_key.as_deref())?;
+    let swarm_key = swarm_key(args.swarm.swarm_key.as_deref())?;
     runtime()?.block_on(async move {
         let listen = if lan {
             "/ip4/0.0.0.0/tcp/0"
