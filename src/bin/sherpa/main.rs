@@ -385,7 +385,7 @@ fn demo(servers: u32, prompt: &str, max_new_tokens: usize) -> Result<(), SherpaE
         path.display(),
         started.elapsed().as_secs_f64()
     );
-    eprintln!("route (in-process shards; the network swarm is not built yet):");
+    eprintln!("route (in-process shards until the client generates across servers):");
     for (i, shard) in model.shards().iter().enumerate() {
         eprintln!(
             "  shard {i}: blocks {} ({:.1} MiB of weights)",
