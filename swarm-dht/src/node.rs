@@ -596,7 +596,7 @@ impl Node {
         let first = self.providers(model_key(model)).await?;
         self.fetch_records(model, first, now_ms, &mut seen, &mut listing)
             .await?;
-        let blocks = most_common_model_blocks(&listing.servers);
+        let blocks = listing.model_blocks();
         let per_block = futures::stream::iter(0..blocks)
             .map(|block| self.providers(block_key(model, block)))
             .buffer_unordered(LOOKUP_CONCURRENCY)
@@ -660,11 +660,7 @@ impl Node {
     /// Measures the bandwidth to `peer` by moving `bytes` each way (capped
     /// at [`probe::MAX_PROBE_BYTES`]).
     pub async fn probe(&self, peer: PeerId, bytes: u32) -> Result<probe::Bandwidth, DhtError> {
-        self.connect(peer, Vec::new()).await?;
-        let mut control = self.control.clone();
-        let stream = tokio::time::timeout(self.timeout, probe::open(&mut control, peer))
-            .await
-            .map_err(|_| DhtError::Timeout("opening a probe"))??;
+        let stream = self.open_stream(peer, probe::PROBE_PROTOCOL).await?;
         probe::run_probe(stream, bytes, self.timeout).await
     }
 
@@ -674,12 +670,22 @@ impl Node {
         peer: PeerId,
         open: swarm_core::infer::OpenSession,
     ) -> Result<RemoteSession, DhtError> {
+        let stream = self.open_stream(peer, session::INFER_STREAM).await?;
+        RemoteSession::open(stream, open, self.timeout).await
+    }
+
+    /// Connects to `peer` and opens a stream of `protocol` to it.
+    async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p::Stream, DhtError> {
         self.connect(peer, Vec::new()).await?;
         let mut control = self.control.clone();
-        let stream = tokio::time::timeout(self.timeout, session::open_stream(&mut control, peer))
+        tokio::time::timeout(self.timeout, control.open_stream(peer, protocol.clone()))
             .await
-            .map_err(|_| DhtError::Timeout("opening a session"))??;
-        RemoteSession::open(stream, open, self.timeout).await
+            .map_err(|_| DhtError::Timeout("opening a stream"))?
+            .map_err(|e| DhtError::Transport(format!("cannot open {protocol} to {peer}: {e}")))
     }
 
     /// What this node refused to store for others.
@@ -723,24 +729,19 @@ fn provided_keys(info: &ServerInfo) -> Vec<RecordKey> {
         .collect()
 }
 
-/// The model size most listed servers agree on (a lone liar cannot make a
-/// client query thousands of keys), 0 when nothing is listed.
-fn most_common_model_blocks(servers: &[ListedServer]) -> u32 {
-    let mut counts: HashMap<u32, usize> = HashMap::new();
-    for server in servers {
-        *counts.entry(server.info.model_blocks).or_default() += 1;
-    }
-    counts
-        .into_iter()
-        .max_by_key(|&(blocks, count)| (count, std::cmp::Reverse(blocks)))
-        .map_or(0, |(blocks, _)| blocks)
-}
-
 impl ServerListing {
-    /// The model's block count most listed servers agree on (0 when none
-    /// are listed).
+    /// The model's block count most listed servers agree on (a lone liar
+    /// cannot make a client query thousands of keys); 0 when none are
+    /// listed.
     pub fn model_blocks(&self) -> u32 {
-        most_common_model_blocks(&self.servers)
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for server in &self.servers {
+            *counts.entry(server.info.model_blocks).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .max_by_key(|&(blocks, count)| (count, std::cmp::Reverse(blocks)))
+            .map_or(0, |(blocks, _)| blocks)
     }
 
     /// Verifies `bytes` as `peer`'s record for `model` and files it.
@@ -815,9 +816,9 @@ impl EventLoop {
 
     fn on_command(&mut self, command: Command) {
         let local = *self.swarm.local_peer_id();
-        let connected = match &command {
-            Command::Connect(peer, ..) if self.swarm.is_connected(peer) => vec![*peer],
-            _ => Vec::new(),
+        let already_connected = match &command {
+            Command::Connect(peer, ..) => self.swarm.is_connected(peer),
+            _ => false,
         };
         let kad = &mut self.swarm.behaviour_mut().kad;
         match command {
@@ -903,7 +904,7 @@ impl EventLoop {
                 let _ = reply.send(self.stats);
             }
             Command::Connect(peer, addrs, reply) => {
-                if connected.contains(&peer) {
+                if already_connected {
                     let _ = reply.send(Ok(()));
                     return;
                 }

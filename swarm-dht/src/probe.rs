@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bincode::{Decode, Encode};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::{PeerId, StreamProtocol};
+use libp2p::StreamProtocol;
 use tokio::sync::Semaphore;
 
 use crate::error::DhtError;
@@ -180,15 +180,4 @@ async fn drain(
         left -= n;
     }
     Ok(())
-}
-
-/// Opens a probe stream to `peer`.
-pub(crate) async fn open(
-    control: &mut libp2p_stream::Control,
-    peer: PeerId,
-) -> Result<libp2p::Stream, DhtError> {
-    control
-        .open_stream(peer, PROBE_PROTOCOL)
-        .await
-        .map_err(|e| DhtError::Transport(format!("cannot open a probe to {peer}: {e}")))
 }

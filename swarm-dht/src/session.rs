@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::{PeerId, StreamProtocol};
+use libp2p::StreamProtocol;
 use swarm_core::infer::{Dtype, OpenSession, Refusal, Request, Response, INFER_VERSION};
 use swarm_core::tensor_frame::WireDType;
 use swarm_core::ModelId;
@@ -114,13 +114,13 @@ impl InferenceService {
         let cfg = self.shard.config();
         let hidden = cfg.hidden_size;
         let max_length = open.max_length as usize;
+        let per_token = SessionCache::bytes_needed(cfg, open.blocks, 1, DType::F32).max(1);
         let mut cache = match self
             .shard
             .new_session_for(open.blocks, max_length, &self.budget)
         {
             Ok(cache) => cache,
             Err(e) => {
-                let per_token = SessionCache::bytes_needed(cfg, open.blocks, 1, DType::F32).max(1);
                 let refusal = match e {
                     swarm_shard::ShardError::BadSettings(_) => Refusal::BadStep {
                         expected_start: 0,
@@ -134,7 +134,6 @@ impl InferenceService {
                 return write_message(&mut stream, &Response::Refused(refusal), None).await;
             }
         };
-        let per_token = SessionCache::bytes_needed(cfg, open.blocks, 1, DType::F32).max(1);
         let opened = Response::Opened {
             hidden: hidden as u32,
             cache_tokens_free: self.budget.available() / per_token,
@@ -331,15 +330,4 @@ impl RemoteSession {
             .await
             .map_err(|_| DhtError::Timeout("closing a session"))?
     }
-}
-
-/// Opens the inference stream to `peer`.
-pub(crate) async fn open_stream(
-    control: &mut libp2p_stream::Control,
-    peer: PeerId,
-) -> Result<libp2p::Stream, DhtError> {
-    control
-        .open_stream(peer, INFER_STREAM)
-        .await
-        .map_err(|e| DhtError::Transport(format!("cannot open a session with {peer}: {e}")))
 }
