@@ -121,6 +121,110 @@ impl GenerationOutput {
     }
 }
 
+/// The generation loop as a state machine, for callers that move hidden
+/// states themselves (a remote pipeline awaits its hops between the steps):
+/// [`Generator::pending`] gives the embeddings of the positions to run next,
+/// [`Generator::advance`] takes the blocks' output for them and picks the next
+/// token, until [`Generator::pending`] gives `None`.
+#[derive(Debug)]
+pub struct Generator<'h> {
+    head: &'h ClientHead,
+    sampler: Sampler,
+    max_new_tokens: usize,
+    stop_at_eos: bool,
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+    input: Vec<u32>,
+    first_logits: Vec<f32>,
+    prompt_tokens: usize,
+    started: Instant,
+    prefill: Duration,
+    hit_eos: bool,
+    done: bool,
+}
+
+impl<'h> Generator<'h> {
+    /// Starts a generation from `prompt` ids.
+    pub fn new(head: &'h ClientHead, prompt: &[u32], options: &GenerateOptions) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(ShardError::BadSettings("the prompt has no tokens".into()));
+        }
+        Ok(Self {
+            head,
+            sampler: Sampler::new(options.sampling.clone())?,
+            max_new_tokens: options.max_new_tokens,
+            stop_at_eos: options.stop_at_eos,
+            history: prompt.to_vec(),
+            tokens: Vec::with_capacity(options.max_new_tokens),
+            input: prompt.to_vec(),
+            first_logits: Vec::new(),
+            prompt_tokens: prompt.len(),
+            started: Instant::now(),
+            prefill: Duration::ZERO,
+            hit_eos: false,
+            done: options.max_new_tokens == 0,
+        })
+    }
+
+    /// Embeddings (1, positions, hidden) of the positions to run next: the
+    /// whole prompt first, then the last chosen token; `None` when done.
+    pub fn pending(&self) -> Result<Option<Tensor>> {
+        if self.done {
+            return Ok(None);
+        }
+        self.head.embed(&self.input).map(Some)
+    }
+
+    /// Takes the blocks' output for the pending positions and returns the
+    /// token chosen next.
+    pub fn advance(&mut self, hidden: &Tensor) -> Result<u32> {
+        if self.done {
+            return Err(ShardError::BadSettings(
+                "the generation has ended; nothing is pending".into(),
+            ));
+        }
+        let logits = self.head.logits(hidden)?;
+        let next = self.sampler.sample(&logits, &self.history)?;
+        if self.tokens.is_empty() {
+            self.first_logits = logits;
+            self.prefill = self.started.elapsed();
+        }
+        self.tokens.push(next);
+        self.history.push(next);
+        self.input = vec![next];
+        if self.stop_at_eos && self.head.config().eos_token_ids.contains(&next) {
+            self.hit_eos = true;
+            self.done = true;
+        }
+        if self.tokens.len() >= self.max_new_tokens {
+            self.done = true;
+        }
+        Ok(next)
+    }
+
+    /// Ends the generation early.
+    pub fn stop(&mut self) {
+        self.done = true;
+    }
+
+    /// Tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// What was generated, with timings.
+    pub fn finish(self) -> GenerationOutput {
+        GenerationOutput {
+            decode: self.started.elapsed().saturating_sub(self.prefill),
+            tokens: self.tokens,
+            first_logits: self.first_logits,
+            prompt_tokens: self.prompt_tokens,
+            prefill: self.prefill,
+            hit_eos: self.hit_eos,
+        }
+    }
+}
+
 /// Generates from `prompt` ids. `on_token` sees each new id as it is chosen
 /// and may return `false` to stop.
 pub fn generate(
@@ -130,47 +234,15 @@ pub fn generate(
     options: &GenerateOptions,
     on_token: &mut dyn FnMut(u32) -> Result<bool>,
 ) -> Result<GenerationOutput> {
-    if prompt.is_empty() {
-        return Err(ShardError::BadSettings("the prompt has no tokens".into()));
-    }
-    let mut sampler = Sampler::new(options.sampling.clone())?;
-    let eos = &head.config().eos_token_ids;
-    let mut history = prompt.to_vec();
-    let mut tokens = Vec::with_capacity(options.max_new_tokens);
-    let mut first_logits = Vec::new();
-    let started = Instant::now();
-    let mut prefill = Duration::ZERO;
-    let mut input = prompt.to_vec();
-    let mut hit_eos = false;
-    while tokens.len() < options.max_new_tokens {
-        let hidden = head.embed(&input)?;
+    let mut generator = Generator::new(head, prompt, options)?;
+    while let Some(hidden) = generator.pending()? {
         let hidden = pipeline.forward(&hidden)?;
-        let logits = head.logits(&hidden)?;
-        let next = sampler.sample(&logits, &history)?;
-        if tokens.is_empty() {
-            first_logits = logits;
-            prefill = started.elapsed();
+        let next = generator.advance(&hidden)?;
+        if !on_token(next)? {
+            generator.stop();
         }
-        tokens.push(next);
-        history.push(next);
-        let keep_going = on_token(next)?;
-        if options.stop_at_eos && eos.contains(&next) {
-            hit_eos = true;
-            break;
-        }
-        if !keep_going {
-            break;
-        }
-        input = vec![next];
     }
-    Ok(GenerationOutput {
-        tokens,
-        first_logits,
-        prompt_tokens: prompt.len(),
-        prefill,
-        decode: started.elapsed().saturating_sub(prefill),
-        hit_eos,
-    })
+    Ok(generator.finish())
 }
 
 /// A whole model in this process: the client head plus shards covering

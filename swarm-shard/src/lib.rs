@@ -37,7 +37,8 @@ pub use block::LlamaBlock;
 pub use config::{LlamaConfig, RopeLayout};
 pub use error::{Result, ShardError};
 pub use generate::{
-    generate, BlockPipeline, GenerateOptions, GenerationOutput, LocalModel, LocalPipeline,
+    generate, BlockPipeline, GenerateOptions, GenerationOutput, Generator, LocalModel,
+    LocalPipeline,
 };
 pub use head::ClientHead;
 pub use kv_cache::{CacheBudget, CacheReservation, SessionCache};
