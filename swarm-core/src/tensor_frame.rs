@@ -152,13 +152,22 @@ pub fn encode(values: &[f32], dims: &[usize], dtype: WireDType) -> Result<Vec<u8
     }
     let mut out = Vec::with_capacity(HEADER_LEN + header.payload_len());
     header.write(&mut out)?;
+    let start = out.len();
+    out.resize(start + header.payload_len(), 0);
+    // Fixed-size chunks: the compiler turns these loops into bulk copies
+    // and conversions.
+    let payload = &mut out[start..];
     match dtype {
-        WireDType::F32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        WireDType::F16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        WireDType::F32 => {
+            for (chunk, v) in payload.chunks_exact_mut(4).zip(values) {
+                chunk.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        WireDType::F16 => {
+            for (chunk, v) in payload.chunks_exact_mut(2).zip(values) {
+                chunk.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+            }
+        }
     }
     Ok(out)
 }
