@@ -36,6 +36,15 @@ pub enum DhtError {
     /// A server would not open a session or run a step.
     #[error("refused: {0}")]
     Refused(swarm_core::infer::Refusal),
+    /// No chain of usable servers covers the blocks a session needs.
+    #[error("{0}")]
+    NoRoute(String),
+    /// No listed server has this name or peer id.
+    #[error("no listed server is called {0:?} (use a name or peer id from `sherpa nodes`)")]
+    UnknownServer(String),
+    /// The client's own part of the model failed.
+    #[error(transparent)]
+    Shard(#[from] swarm_shard::ShardError),
     /// Invalid shared values (records, messages).
     #[error(transparent)]
     Core(#[from] swarm_core::CoreError),

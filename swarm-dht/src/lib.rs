@@ -8,25 +8,33 @@
 //! for nodes behind NAT) that joins through bootstrap peers, announces
 //! signed server records in Kademlia and lists a model's servers with their
 //! records verified, measures bandwidth ([`probe`]), and serves and opens
-//! inference sessions ([`session`], on the [`wire`] framing).
+//! inference sessions ([`session`], on the [`wire`] framing). A client
+//! [`survey`]s a model's servers and generates through an
+//! [`InferenceSession`] that survives server failures ([`client`]).
 
 pub mod admission;
 pub mod announce;
+pub mod client;
 mod error;
 pub mod identity;
 pub mod keys;
 pub mod node;
 pub mod probe;
 pub mod session;
+pub mod survey;
 pub mod wire;
 
 pub use announce::{announce_periodically, now_ms, withdraw};
+pub use client::{
+    generate, Failover, InferenceSession, LocalBlocks, RouteStep, ServerChoice, SessionOptions,
+};
 pub use error::DhtError;
 pub use identity::{load_or_create_node_key, SwarmKey};
-pub use libp2p::{multiaddr, Multiaddr, PeerId};
+pub use libp2p::{multiaddr, Multiaddr, PeerId, Stream, StreamProtocol};
 pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListing};
 pub use probe::Bandwidth;
 pub use session::{InferenceService, RemoteSession};
+pub use survey::{survey, Survey, SurveyOptions};
 
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";

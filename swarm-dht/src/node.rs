@@ -509,7 +509,9 @@ impl Node {
             .await
             .map_err(|_| DhtError::Timeout(what))?
             .map_err(|_| DhtError::Stopped)?;
-        tokio::time::timeout(self.timeout, rx)
+        // Kademlia queries end on their own after `timeout` with what they
+        // found; the reply gets a little longer, so they always can.
+        tokio::time::timeout(self.timeout + REPLY_GRACE, rx)
             .await
             .map_err(|_| DhtError::Timeout(what))?
             .map_err(|_| DhtError::Stopped)
@@ -670,8 +672,35 @@ impl Node {
         peer: PeerId,
         open: swarm_core::infer::OpenSession,
     ) -> Result<RemoteSession, DhtError> {
-        let stream = self.open_stream(peer, session::INFER_STREAM).await?;
-        RemoteSession::open(stream, open, self.timeout).await
+        // libp2p-stream hands a server one inbound stream at a time and
+        // resets the ones arriving while it is busy, so a burst of opens
+        // loses some before the server reads them: those are tried again.
+        let mut attempt = 0;
+        loop {
+            let stream = self.open_stream(peer, session::INFER_STREAM).await?;
+            match RemoteSession::open(stream, open.clone(), self.timeout).await {
+                Err(DhtError::Transport(why)) if attempt < OPEN_RETRIES => {
+                    tracing::debug!(%peer, %why, attempt, "session stream lost before an answer; retrying");
+                    let jitter = rand::random_range(0..10);
+                    tokio::time::sleep(Duration::from_millis((10 << attempt) + jitter)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Accepts inbound streams of `protocol`, for an application's own
+    /// protocols on the swarm's encrypted connections; fails when something
+    /// already accepts it.
+    pub fn accept(
+        &self,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p_stream::IncomingStreams, DhtError> {
+        self.control
+            .clone()
+            .accept(protocol.clone())
+            .map_err(|e| DhtError::Transport(format!("cannot accept {protocol}: {e}")))
     }
 
     /// Connects to `peer` and opens a stream of `protocol` to it.
@@ -718,6 +747,13 @@ fn relay_config() -> relay::Config {
         ..relay::Config::default()
     }
 }
+
+/// How often opening a session is tried again when its stream is lost
+/// before the server answers.
+const OPEN_RETRIES: u32 = 5;
+
+/// How much longer than a Kademlia query a caller waits for its answer.
+const REPLY_GRACE: Duration = Duration::from_secs(2);
 
 /// Lookups a listing runs at once.
 const LOOKUP_CONCURRENCY: usize = 64;

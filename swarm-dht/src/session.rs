@@ -283,9 +283,24 @@ impl RemoteSession {
         self.len == 0
     }
 
+    /// The hidden size frames carry.
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
     /// Runs the hop on the hidden states of `positions` new positions
     /// (`positions x hidden` values) and returns its output, same shape.
     pub async fn step(&mut self, hidden_states: &[f32]) -> Result<Vec<f32>, DhtError> {
+        self.step_within(hidden_states, self.timeout).await
+    }
+
+    /// [`RemoteSession::step`] with its own time limit; after a timeout
+    /// the session is out of step and should be dropped.
+    pub async fn step_within(
+        &mut self,
+        hidden_states: &[f32],
+        timeout: Duration,
+    ) -> Result<Vec<f32>, DhtError> {
         let n = hidden_states.len() / self.hidden.max(1);
         if n == 0 || n * self.hidden != hidden_states.len() {
             return Err(DhtError::Transport(format!(
@@ -316,7 +331,7 @@ impl RemoteSession {
                 None => Err(DhtError::Transport("the server closed the session".into())),
             }
         };
-        let out = tokio::time::timeout(self.timeout, work)
+        let out = tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| DhtError::Timeout("the server's step"))??;
         self.len += n as u32;

@@ -1,0 +1,501 @@
+//! The client side of distributed generation.
+//!
+//! An [`InferenceSession`] carries hidden states through a chain of servers
+//! (one [`RemoteSession`] per hop) that together run a span of the model's
+//! blocks. It keeps every input it sent to every hop, step by step. When a
+//! server errors, dies, answers garbage or stalls past the step timeout,
+//! the session plans the failed hop's blocks again over the other servers,
+//! opens the new hops, replays the stored inputs into them in the same
+//! steps as before (so their KV caches hold exactly what the lost server's
+//! held), and carries on: the output is the same as without the failure.
+//!
+//! [`generate`] runs a whole generation: embeddings, optional local blocks
+//! and the LM head on the client, the rest through the session.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use swarm_core::infer::{Dtype, OpenSession, INFER_VERSION};
+use swarm_core::{BlockRange, ModelId};
+use swarm_score::{plan, Candidate, RouteOptions, ServerId};
+use swarm_shard::{
+    BlockShard, ClientHead, GenerateOptions, GenerationOutput, Generator, SessionCache, ShardError,
+    Tensor,
+};
+
+use crate::error::DhtError;
+use crate::node::Node;
+use crate::session::RemoteSession;
+use crate::survey::{survey, Survey, SurveyOptions};
+use crate::PeerId;
+
+/// Settings of an inference session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionOptions {
+    /// Most positions (prompt + generated tokens) the session holds.
+    pub max_length: u32,
+    /// Element type of hidden states on the wire.
+    pub dtype: Dtype,
+    /// How long a one-position step may take before the server counts as
+    /// stalled; longer steps (a prompt) get more in proportion to the
+    /// server's announced speed.
+    pub step_timeout: Duration,
+    /// Most server failures the session survives before giving up.
+    pub max_failovers: usize,
+}
+
+impl Default for SessionOptions {
+    /// 2048 positions, f32, 5 s step timeout, up to 16 failovers.
+    fn default() -> Self {
+        Self {
+            max_length: 2048,
+            dtype: Dtype::F32,
+            step_timeout: Duration::from_secs(5),
+            max_failovers: 16,
+        }
+    }
+}
+
+/// One hop of a session's current route, as shown to people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteStep {
+    /// The server's public name.
+    pub name: String,
+    /// Its peer id.
+    pub peer: PeerId,
+    /// The blocks it runs for this session.
+    pub blocks: BlockRange,
+}
+
+impl std::fmt::Display for RouteStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "blocks {} on {} ({})", self.blocks, self.name, self.peer)
+    }
+}
+
+/// A server the session lost and what took its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failover {
+    /// The lost hop.
+    pub lost: RouteStep,
+    /// Why it was given up.
+    pub error: String,
+    /// The hops that replaced it.
+    pub replaced_by: Vec<RouteStep>,
+    /// Positions replayed into the replacement.
+    pub replayed_positions: usize,
+    /// Time from noticing the failure to being ready again, replay included.
+    pub took: Duration,
+}
+
+/// A hop in use: its session and everything sent to it.
+#[derive(Debug)]
+struct LiveHop {
+    step: RouteStep,
+    server: ServerId,
+    secs_per_block: f64,
+    session: RemoteSession,
+    /// The input of every step so far, as sent.
+    inputs: Vec<Vec<f32>>,
+}
+
+/// Hidden states through a chain of servers, with failover.
+#[derive(Debug)]
+pub struct InferenceSession {
+    node: Node,
+    model: ModelId,
+    survey: Survey,
+    /// Servers to plan over first (the auto-selection); others are used
+    /// only when these cannot cover a span.
+    preferred: HashSet<ServerId>,
+    /// Servers never to use (the user's exclusions).
+    excluded: HashSet<ServerId>,
+    /// Servers that failed this session.
+    failed: HashSet<ServerId>,
+    span: BlockRange,
+    hidden: usize,
+    options: SessionOptions,
+    hops: Vec<LiveHop>,
+    failovers: Vec<Failover>,
+    positions: usize,
+    /// Why the session cannot go on, once a failover has failed: its route
+    /// has a hole, so no later step may run.
+    broken: Option<String>,
+}
+
+/// Which servers a session may use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerChoice {
+    /// Planned over first (e.g. the auto-selected set); empty means all.
+    pub preferred: HashSet<ServerId>,
+    /// Never used.
+    pub excluded: HashSet<ServerId>,
+}
+
+impl InferenceSession {
+    /// Plans a route through `span` over the surveyed servers and opens a
+    /// session on every hop. `hidden` is the model's hidden size.
+    pub async fn open(
+        node: &Node,
+        model: ModelId,
+        survey: Survey,
+        choice: ServerChoice,
+        span: BlockRange,
+        hidden: usize,
+        options: SessionOptions,
+    ) -> Result<Self, DhtError> {
+        let mut session = Self {
+            node: node.clone(),
+            model,
+            survey,
+            preferred: choice.preferred,
+            excluded: choice.excluded,
+            failed: HashSet::new(),
+            span,
+            hidden,
+            options,
+            hops: Vec::new(),
+            failovers: Vec::new(),
+            positions: 0,
+            broken: None,
+        };
+        session.hops = session.open_span(span).await?;
+        Ok(session)
+    }
+
+    /// The current route, first block first.
+    pub fn route(&self) -> Vec<RouteStep> {
+        self.hops.iter().map(|h| h.step.clone()).collect()
+    }
+
+    /// The blocks the session runs.
+    pub fn span(&self) -> BlockRange {
+        self.span
+    }
+
+    /// Failures survived so far.
+    pub fn failovers(&self) -> &[Failover] {
+        &self.failovers
+    }
+
+    /// Positions run so far.
+    pub fn len(&self) -> usize {
+        self.positions
+    }
+
+    /// Whether no position has run yet.
+    pub fn is_empty(&self) -> bool {
+        self.positions == 0
+    }
+
+    /// Runs the span on `hidden_states` (positions x hidden values) and
+    /// returns its output, same shape; survives server failures.
+    pub async fn step(&mut self, hidden_states: &[f32]) -> Result<Vec<f32>, DhtError> {
+        if let Some(why) = &self.broken {
+            return Err(DhtError::NoRoute(format!(
+                "the session was lost earlier: {why}"
+            )));
+        }
+        let n = hidden_states.len() / self.hidden.max(1);
+        if n == 0 || n * self.hidden != hidden_states.len() {
+            return Err(DhtError::Transport(format!(
+                "{} values are not whole positions of {}",
+                hidden_states.len(),
+                self.hidden
+            )));
+        }
+        if self.positions + n > self.options.max_length as usize {
+            return Err(DhtError::Transport(format!(
+                "the session holds at most {} positions; {} are used and {n} more were sent",
+                self.options.max_length, self.positions
+            )));
+        }
+        let mut x = hidden_states.to_vec();
+        let mut i = 0;
+        while i < self.hops.len() {
+            let timeout = self.timeout_for(&self.hops[i], n);
+            let hop = &mut self.hops[i];
+            match hop.session.step_within(&x, timeout).await.and_then(finite) {
+                Ok(out) => {
+                    hop.inputs.push(std::mem::replace(&mut x, out));
+                    i += 1;
+                }
+                Err(DhtError::Stopped) => return Err(DhtError::Stopped),
+                Err(e) => {
+                    if let Err(lost) = self.fail_over(i, e).await {
+                        self.broken = Some(lost.to_string());
+                        return Err(lost);
+                    }
+                }
+            }
+        }
+        self.positions += n;
+        Ok(x)
+    }
+
+    /// Closes every hop; the servers free their caches.
+    pub async fn close(self) {
+        for hop in self.hops {
+            if let Err(e) = hop.session.close().await {
+                tracing::debug!(server = %hop.step.name, error = %e, "closing a hop failed");
+            }
+        }
+    }
+
+    /// How long a step of `n` positions may take on `hop`.
+    fn timeout_for(&self, hop: &LiveHop, n: usize) -> Duration {
+        let compute = hop.secs_per_block * hop.step.blocks.len() as f64 * n as f64;
+        self.options.step_timeout + Duration::from_secs_f64((4.0 * compute).min(600.0))
+    }
+
+    /// Replaces hop `i`, which failed with `error`: plans its blocks over
+    /// other servers, replays its stored inputs into the new hops, and
+    /// puts them in its place.
+    async fn fail_over(&mut self, i: usize, error: DhtError) -> Result<(), DhtError> {
+        let started = Instant::now();
+        let lost = self.hops.remove(i);
+        self.failed.insert(lost.server);
+        tracing::warn!(server = %lost.step.name, blocks = %lost.step.blocks, %error, "server lost; re-planning its blocks");
+        self.check_failovers(&lost.step, &error)?;
+        let replayed_positions = lost.inputs.iter().map(|c| c.len() / self.hidden).sum();
+        let mut new_hops = loop {
+            let mut new_hops = self.open_span(lost.step.blocks).await?;
+            match replay(&mut new_hops, &lost.inputs, self.options.step_timeout).await {
+                Ok(()) => break new_hops,
+                Err((j, e)) => {
+                    let bad = &new_hops[j];
+                    tracing::warn!(server = %bad.step.name, error = %e, "replacement failed during replay");
+                    self.failed.insert(bad.server);
+                    self.check_failovers(&bad.step, &e)?;
+                    self.failovers.push(Failover {
+                        lost: bad.step.clone(),
+                        error: e.to_string(),
+                        replaced_by: Vec::new(),
+                        replayed_positions: 0,
+                        took: Duration::ZERO,
+                    });
+                }
+            }
+        };
+        let replaced_by = new_hops.iter().map(|h| h.step.clone()).collect();
+        let tail = self.hops.split_off(i);
+        self.hops.append(&mut new_hops);
+        self.hops.extend(tail);
+        self.failovers.push(Failover {
+            lost: lost.step,
+            error: error.to_string(),
+            replaced_by,
+            replayed_positions,
+            took: started.elapsed(),
+        });
+        Ok(())
+    }
+
+    fn check_failovers(&self, lost: &RouteStep, error: &DhtError) -> Result<(), DhtError> {
+        if self.failovers.len() >= self.options.max_failovers {
+            return Err(DhtError::NoRoute(format!(
+                "gave up after {} server failures; the last: {lost}: {error}",
+                self.failovers.len() + 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// Plans `span` and opens a session on every hop; a server that will
+    /// not open is avoided and the span planned again.
+    async fn open_span(&mut self, span: BlockRange) -> Result<Vec<LiveHop>, DhtError> {
+        let mut refreshed = false;
+        let mut refusals: Vec<String> = Vec::new();
+        'plan: loop {
+            let route = match self.plan_span(span) {
+                Ok(route) => route,
+                Err(e) if !refreshed => {
+                    // Servers may have joined since the survey.
+                    tracing::info!(error = %e, "no route among known servers; listing again");
+                    refreshed = true;
+                    self.refresh().await?;
+                    continue;
+                }
+                Err(DhtError::NoRoute(why)) if !refusals.is_empty() => {
+                    return Err(DhtError::NoRoute(format!(
+                        "{why}; would not open a session: {}",
+                        refusals.join("; ")
+                    )))
+                }
+                Err(e) => return Err(e),
+            };
+            let mut hops = Vec::with_capacity(route.len());
+            for (candidate, blocks) in route {
+                let server = candidate.id;
+                let step = RouteStep {
+                    name: candidate.name.clone(),
+                    peer: self.survey.peer_of(&server).ok_or_else(|| {
+                        DhtError::NoRoute(format!("{} is not listed", candidate.name))
+                    })?,
+                    blocks,
+                };
+                let open = OpenSession {
+                    version: INFER_VERSION,
+                    model: self.model.clone(),
+                    blocks,
+                    max_length: self.options.max_length,
+                    dtype: self.options.dtype,
+                };
+                match self.node.open_session(step.peer, open).await {
+                    Ok(session) => hops.push(LiveHop {
+                        step,
+                        server,
+                        secs_per_block: candidate.secs_per_block().unwrap_or(0.0),
+                        session,
+                        inputs: Vec::new(),
+                    }),
+                    Err(DhtError::Stopped) => return Err(DhtError::Stopped),
+                    Err(e) => {
+                        tracing::warn!(server = %step.name, error = %e, "cannot open a session; avoiding it");
+                        refusals.push(format!("{}: {e}", step.name));
+                        self.failed.insert(server);
+                        for hop in hops {
+                            let _ = hop.session.close().await;
+                        }
+                        continue 'plan;
+                    }
+                }
+            }
+            return Ok(hops);
+        }
+    }
+
+    /// The fastest usable chain through `span`: over the preferred servers
+    /// when they cover it, else over every server not excluded or failed.
+    fn plan_span(&self, span: BlockRange) -> Result<Vec<(Candidate, BlockRange)>, DhtError> {
+        let options = RouteOptions {
+            tokens: 1,
+            bytes_per_token: (self.hidden
+                * match self.options.dtype {
+                    Dtype::F32 => 4,
+                    Dtype::F16 => 2,
+                }) as u64,
+            load: Default::default(),
+        };
+        let avoid: HashSet<ServerId> = self.failed.union(&self.excluded).copied().collect();
+        let preferred: Vec<Candidate> = self
+            .survey
+            .candidates
+            .iter()
+            .filter(|c| self.preferred.contains(&c.id))
+            .cloned()
+            .collect();
+        let route = match plan(&preferred, span, &options, &avoid) {
+            Ok(route) if !preferred.is_empty() => Ok((route, preferred)),
+            _ => plan(&self.survey.candidates, span, &options, &avoid)
+                .map(|route| (route, self.survey.candidates.clone())),
+        };
+        match route {
+            Ok((route, pool)) => Ok(route
+                .hops
+                .iter()
+                .map(|hop| (pool[hop.index].clone(), hop.blocks))
+                .collect()),
+            Err(e) => Err(DhtError::NoRoute(format!(
+                "{e} (servers failed this session: {}, excluded: {})",
+                self.failed.len(),
+                self.excluded.len()
+            ))),
+        }
+    }
+
+    /// Lists the model's servers again, keeping what failed avoided.
+    async fn refresh(&mut self) -> Result<(), DhtError> {
+        self.survey = survey(&self.node, &self.model, &SurveyOptions::quick()).await?;
+        Ok(())
+    }
+}
+
+/// Rejects outputs holding NaN or infinity: a server's garbage.
+fn finite(values: Vec<f32>) -> Result<Vec<f32>, DhtError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(values),
+        Some(at) => Err(DhtError::Transport(format!(
+            "the server answered a non-finite value at {at}"
+        ))),
+    }
+}
+
+/// Runs the stored `inputs` through `hops` in the original steps, so each
+/// new hop's cache ends up as the lost one's was. On failure, says which
+/// hop failed.
+async fn replay(
+    hops: &mut [LiveHop],
+    inputs: &[Vec<f32>],
+    step_timeout: Duration,
+) -> Result<(), (usize, DhtError)> {
+    for chunk in inputs {
+        let mut x = chunk.clone();
+        for (j, hop) in hops.iter_mut().enumerate() {
+            let n = x.len() as f64 / f64::from(hop.session.hidden().max(1) as u32);
+            let compute = hop.secs_per_block * hop.step.blocks.len() as f64 * n;
+            let timeout = step_timeout + Duration::from_secs_f64((4.0 * compute).min(600.0));
+            let out = hop
+                .session
+                .step_within(&x, timeout)
+                .await
+                .and_then(finite)
+                .map_err(|e| (j, e))?;
+            hop.inputs.push(std::mem::replace(&mut x, out));
+        }
+    }
+    Ok(())
+}
+
+/// Blocks the client runs itself before the remote ones (`local_blocks`).
+#[derive(Debug)]
+pub struct LocalBlocks {
+    shard: std::sync::Arc<BlockShard>,
+    cache: SessionCache,
+}
+
+impl LocalBlocks {
+    /// A session over `shard` with room for `max_length` positions.
+    pub fn new(shard: std::sync::Arc<BlockShard>, max_length: usize) -> Result<Self, DhtError> {
+        let cache = shard.new_session(max_length, &swarm_shard::CacheBudget::unlimited())?;
+        Ok(Self { shard, cache })
+    }
+
+    /// The blocks run locally.
+    pub fn range(&self) -> BlockRange {
+        self.shard.range()
+    }
+}
+
+/// Generates from `prompt` ids: embeddings, `local` blocks and the LM head
+/// here, the remaining blocks through `session`. `on_token` sees each new
+/// id as it is chosen and may return `false` to stop.
+pub async fn generate(
+    head: &ClientHead,
+    mut local: Option<&mut LocalBlocks>,
+    session: &mut InferenceSession,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    on_token: &mut (dyn FnMut(u32) -> Result<bool, ShardError> + Send),
+) -> Result<GenerationOutput, DhtError> {
+    let hidden = head.config().hidden_size;
+    let mut generator = Generator::new(head, prompt, options)?;
+    while let Some(x) = generator.pending()? {
+        let x = match local.as_deref_mut() {
+            Some(l) => l.shard.forward(&x, &mut l.cache)?,
+            None => x,
+        };
+        let values = x
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(ShardError::from)?;
+        let n = values.len() / hidden.max(1);
+        let out = session.step(&values).await?;
+        let out = Tensor::from_vec(out, (1, n, hidden), head.device()).map_err(ShardError::from)?;
+        let next = generator.advance(&out)?;
+        if !on_token(next)? {
+            generator.stop();
+        }
+    }
+    Ok(generator.finish())
+}

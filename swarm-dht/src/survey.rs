@@ -1,0 +1,213 @@
+//! What a client learns about a model's servers before choosing among
+//! them: the verified listing, its own ping to each server, and (when
+//! asked) the bandwidth it measures to each.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use swarm_core::ModelId;
+use swarm_score::{Candidate, ServerId};
+
+use crate::error::DhtError;
+use crate::node::{ListedServer, Node, ServerListing};
+use crate::probe::Bandwidth;
+use crate::{now_ms, PeerId};
+
+/// How thoroughly to survey.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SurveyOptions {
+    /// Longest time to wait for the listing to settle (lookups also find
+    /// and connect peers; mDNS answers take a second or two).
+    pub settle: Duration,
+    /// Bytes each way of a bandwidth probe per server; `None` uses the
+    /// servers' own figures.
+    pub probe_bytes: Option<u32>,
+    /// Longest time to wait for a ping from every server.
+    pub ping_wait: Duration,
+}
+
+impl Default for SurveyOptions {
+    /// Settles within 4 s, probes 256 KiB each way, waits up to 3 s for pings.
+    fn default() -> Self {
+        Self {
+            settle: Duration::from_secs(4),
+            probe_bytes: Some(256 << 10),
+            ping_wait: Duration::from_secs(3),
+        }
+    }
+}
+
+impl SurveyOptions {
+    /// One listing, no probes, a short wait for pings: for re-planning
+    /// in the middle of a generation.
+    pub fn quick() -> Self {
+        Self {
+            settle: Duration::ZERO,
+            probe_bytes: None,
+            ping_wait: Duration::from_millis(300),
+        }
+    }
+}
+
+/// A model's servers as one client sees them.
+#[derive(Debug, Clone, Default)]
+pub struct Survey {
+    /// The verified listing.
+    pub listing: ServerListing,
+    /// One candidate per listed server, in the listing's order.
+    pub candidates: Vec<Candidate>,
+}
+
+impl Survey {
+    /// The listed server with identity `id`.
+    pub fn server(&self, id: &ServerId) -> Option<&ListedServer> {
+        self.listing
+            .servers
+            .iter()
+            .find(|s| &s.info.public_key == id)
+    }
+
+    /// The peer id of the server with identity `id`.
+    pub fn peer_of(&self, id: &ServerId) -> Option<PeerId> {
+        self.server(id).map(|s| s.peer_id)
+    }
+
+    /// The identities of listed servers named (by public name or peer id)
+    /// in `names`; a name matching nothing is an error.
+    pub fn ids_named(&self, names: &[String]) -> Result<HashSet<ServerId>, DhtError> {
+        let mut ids = HashSet::new();
+        for name in names {
+            let before = ids.len();
+            ids.extend(
+                self.listing
+                    .servers
+                    .iter()
+                    .filter(|s| &s.info.public_name == name || &s.peer_id.to_string() == name)
+                    .map(|s| s.info.public_key),
+            );
+            if ids.len() == before {
+                return Err(DhtError::UnknownServer(name.clone()));
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The model's block count, as most servers report it (0 when none).
+    pub fn model_blocks(&self) -> u32 {
+        self.listing.model_blocks()
+    }
+}
+
+/// Lists `model`'s servers, pings each, probes their bandwidth if asked,
+/// and turns them into candidates for selection and routing.
+pub async fn survey(
+    node: &Node,
+    model: &ModelId,
+    options: &SurveyOptions,
+) -> Result<Survey, DhtError> {
+    let listing = settled_listing(node, model, options.settle).await?;
+    let pings = measure_pings(node, &listing, options.ping_wait).await?;
+    let probes = match options.probe_bytes {
+        Some(bytes) => measure_bandwidth(node, &listing, bytes).await,
+        None => HashMap::new(),
+    };
+    let candidates = listing
+        .servers
+        .iter()
+        .map(|s| {
+            let c = Candidate::from_info(&s.info, pings.get(&s.peer_id).copied());
+            match probes.get(&s.peer_id) {
+                Some(b) => c.with_probe(b.upload_bps, b.download_bps),
+                None => c,
+            }
+        })
+        .collect();
+    Ok(Survey {
+        listing,
+        candidates,
+    })
+}
+
+/// Looks until two lookups a moment apart agree, or `settle` has passed.
+pub async fn settled_listing(
+    node: &Node,
+    model: &ModelId,
+    settle: Duration,
+) -> Result<ServerListing, DhtError> {
+    let deadline = Instant::now() + settle;
+    let mut listing = node.list_servers(model, now_ms()).await?;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let again = node.list_servers(model, now_ms()).await?;
+        let settled = again.servers.len() == listing.servers.len() && !again.servers.is_empty();
+        if again.servers.len() >= listing.servers.len() {
+            listing = again;
+        }
+        if settled {
+            break;
+        }
+    }
+    Ok(listing)
+}
+
+/// Probes every listed server's bandwidth at once; failures are left out.
+pub async fn measure_bandwidth(
+    node: &Node,
+    listing: &ServerListing,
+    bytes: u32,
+) -> HashMap<PeerId, Bandwidth> {
+    let mut probes = tokio::task::JoinSet::new();
+    for server in &listing.servers {
+        let (node, peer) = (node.clone(), server.peer_id);
+        probes.spawn(async move { (peer, node.probe(peer, bytes).await) });
+    }
+    let mut found = HashMap::new();
+    while let Some(done) = probes.join_next().await {
+        match done {
+            Ok((peer, Ok(bandwidth))) => {
+                found.insert(peer, bandwidth);
+            }
+            Ok((peer, Err(e))) => tracing::debug!(%peer, error = %e, "bandwidth probe failed"),
+            Err(e) => tracing::debug!(error = %e, "bandwidth probe task failed"),
+        }
+    }
+    found
+}
+
+/// Connects to every listed server (directly or through a relay) and
+/// waits up to `wait` for a ping to each one reached.
+pub async fn measure_pings(
+    node: &Node,
+    listing: &ServerListing,
+    wait: Duration,
+) -> Result<HashMap<PeerId, Duration>, DhtError> {
+    let mut connects = tokio::task::JoinSet::new();
+    for server in &listing.servers {
+        let (node, peer, name) = (
+            node.clone(),
+            server.peer_id,
+            server.info.public_name.clone(),
+        );
+        connects.spawn(async move {
+            match node.connect(peer, Vec::new()).await {
+                Ok(()) => Some(peer),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot reach server {name}");
+                    None
+                }
+            }
+        });
+    }
+    let mut reached = HashSet::new();
+    while let Some(done) = connects.join_next().await {
+        reached.extend(done.ok().flatten());
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        let pings = node.pings().await?;
+        if reached.iter().all(|p| pings.contains_key(p)) || Instant::now() > deadline {
+            return Ok(pings);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
