@@ -14,6 +14,12 @@ pub enum SherpaError {
     /// The network layer failed.
     #[error("network: {0}")]
     Network(String),
+    /// The swarm failed (discovery, sessions, routes).
+    #[error(transparent)]
+    Dht(#[from] swarm_dht::DhtError),
+    /// A selection or route could not be made.
+    #[error(transparent)]
+    Score(#[from] swarm_score::ScoreError),
     /// A file operation failed.
     #[error("{path}: {source}")]
     Io {

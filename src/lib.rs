@@ -4,16 +4,20 @@
 //! spans of transformer blocks hosted by different peers, and a client
 //! generates text by sending activations through a chain of those peers.
 //!
-//! This crate is the embeddable facade. Today it offers local generation on
-//! the engine ([`shard`]) and the model cache ([`model_store`]); the network
-//! layer grows in [`dht`].
+//! This crate is the embeddable facade: [`Tracker`], [`Server`] and
+//! [`Client`] builders run a swarm in a few lines (see [`swarm`]); local
+//! generation is on the engine ([`shard`]), the model cache in
+//! [`model_store`], and the layers underneath are re-exported ([`dht`],
+//! [`score`], [`core`]).
 
 pub mod bench;
 mod error;
 pub mod hardware;
 pub mod model_store;
+pub mod swarm;
 
 pub use error::SherpaError;
+pub use swarm::{Client, Generation, Plan, Server, Tracker};
 pub use swarm_core as core;
 pub use swarm_dht as dht;
 pub use swarm_score as score;

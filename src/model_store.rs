@@ -135,6 +135,29 @@ pub fn resolve_model(
     })
 }
 
+/// The id the swarm knows a model argument by: a known name as it is, else the file or directory name with anything but
+/// letters, digits, `-`, `_` and `.` replaced by `-`.
+pub fn model_id(arg: &str) -> Result<swarm_core::ModelId, SherpaError> {
+    if known_model(arg).is_some() {
+        return Ok(swarm_core::ModelId::new(arg)?);
+    }
+    let stem = Path::new(arg)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    Ok(swarm_core::ModelId::new(clean)?)
+}
+
 /// Makes sure `model` is in the cache and returns its path.
 pub fn fetch_model(
     model: &KnownModel,

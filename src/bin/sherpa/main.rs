@@ -3,11 +3,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use sherpa_swarm::core::BlockRange;
 use sherpa_swarm::model_store::{self, FetchProgress, WheelSource, DEFAULT_MODEL};
 use sherpa_swarm::shard::{
     cpu, ChatMessage, Device, GenerateOptions, LocalModel, ModelFiles, SamplingConfig,
@@ -198,7 +196,7 @@ struct GenerateArgs {
     /// Dequantize all weights to f32 (more memory; for checking kernels).
     #[arg(long)]
     f32: bool,
-    /// Run every block in this process (the default until the swarm is built).
+    /// Run every block in this process (the default without --tracker or --lan).
     #[arg(long)]
     local: bool,
     /// Use the swarm reached through this tracker.
@@ -207,6 +205,40 @@ struct GenerateArgs {
     /// Use the swarm discovered on the local network.
     #[arg(long, conflicts_with_all = ["local", "tracker"])]
     lan: bool,
+    /// A private swarm's key file.
+    #[arg(long)]
+    swarm_key: Option<PathBuf>,
+    /// The id the swarm knows the model by (default: the known name or the file stem).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Run the first K blocks on this machine too, so no server sees the prompt's embeddings.
+    #[arg(long, default_value_t = 0)]
+    local_blocks: u32,
+    /// How many servers to auto-select.
+    #[arg(long, default_value_t = 10)]
+    max_nodes: usize,
+    /// Always select this server (name or peer id; repeatable).
+    #[arg(long)]
+    pin: Vec<String>,
+    /// Never use this server (name or peer id; repeatable).
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Element type of activations on the wire.
+    #[arg(long, value_enum, default_value_t = WireArg::F32)]
+    wire: WireArg,
+    /// Also print the generated token ids on stderr ("ids: 1 2 3").
+    #[arg(long)]
+    ids: bool,
+    /// Seconds a one-token step may take before its server counts as stalled
+    /// and is replaced.
+    #[arg(long, default_value_t = 5.0)]
+    step_timeout: f64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum WireArg {
+    F32,
+    F16,
 }
 
 fn main() -> ExitCode {
@@ -228,7 +260,7 @@ fn main() -> ExitCode {
             servers,
             prompt,
             max_new_tokens,
-        } => demo(servers, &prompt, max_new_tokens),
+        } => network::demo(servers, &prompt, max_new_tokens),
         Command::Bench {
             json,
             tokens,
@@ -311,11 +343,27 @@ fn sampling(args: &GenerateArgs) -> SamplingConfig {
         .with_seed(args.seed)
 }
 
+/// Token ids of `prompt`: as-is with `raw`, else as a chat user message.
+pub(crate) fn encode_prompt(
+    tokenizer: &TextTokenizer,
+    prompt: &str,
+    raw: bool,
+) -> Result<Vec<u32>, SherpaError> {
+    Ok(if raw {
+        tokenizer.encode_raw(prompt)?
+    } else {
+        tokenizer.encode_chat(&[ChatMessage::user(prompt)])?
+    })
+}
+
 fn generate(args: GenerateArgs) -> Result<(), SherpaError> {
+    let options = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling: sampling(&args),
+        stop_at_eos: true,
+    };
     if args.tracker.is_some() || args.lan {
-        return Err(SherpaError::Fetch(
-            "distributed generation (--tracker / --lan) is not available in this build yet; use --local".into(),
-        ));
+        return network::generate(&args, options);
     }
     let path = model_store::resolve_model(&args.model, &mut fetch_progress())?;
     let precision = if args.f32 {
@@ -326,17 +374,8 @@ fn generate(args: GenerateArgs) -> Result<(), SherpaError> {
     let files = ModelFiles::open(&path)?;
     let tokenizer = TextTokenizer::from_model(&files)?;
     let model = LocalModel::load(&files, &[], &Device::Cpu, precision)?;
-    let prompt = if args.raw {
-        tokenizer.encode_raw(&args.prompt)?
-    } else {
-        tokenizer.encode_chat(&[ChatMessage::user(args.prompt.clone())])?
-    };
-    let options = GenerateOptions {
-        max_new_tokens: args.max_new_tokens,
-        sampling: sampling(&args),
-        stop_at_eos: true,
-    };
-    run_and_print(&model, &tokenizer, &prompt, &options)
+    let prompt = encode_prompt(&tokenizer, &args.prompt, args.raw)?;
+    run_and_print(&model, &tokenizer, &prompt, &options, args.ids)
 }
 
 /// Generates, streaming text to stdout and timings to stderr.
@@ -345,6 +384,7 @@ fn run_and_print(
     tokenizer: &TextTokenizer,
     prompt: &[u32],
     options: &GenerateOptions,
+    show_ids: bool,
 ) -> Result<(), SherpaError> {
     let mut decoder = tokenizer.stream_decoder();
     let mut stdout = std::io::stdout().lock();
@@ -362,6 +402,9 @@ fn run_and_print(
         Ok(true)
     })?;
     let _ = writeln!(stdout);
+    if show_ids {
+        print_ids(&out.tokens);
+    }
     eprintln!(
         "{} prompt tokens at {:.1} tokens/s, {} generated at {:.1} tokens/s",
         out.prompt_tokens,
@@ -372,34 +415,10 @@ fn run_and_print(
     Ok(())
 }
 
-fn demo(servers: u32, prompt: &str, max_new_tokens: usize) -> Result<(), SherpaError> {
-    let path = model_store::resolve_model(DEFAULT_MODEL, &mut fetch_progress())?;
-    let started = Instant::now();
-    let files = ModelFiles::open(&path)?;
-    let tokenizer = TextTokenizer::from_model(&files)?;
-    let blocks = files.config().num_hidden_layers as u32;
-    let spans = BlockRange::split_evenly(blocks, servers)?;
-    let model = LocalModel::load(&files, &spans, &Device::Cpu, WeightPrecision::Native)?;
-    eprintln!(
-        "model: {} ({blocks} blocks), loaded in {:.2}s",
-        path.display(),
-        started.elapsed().as_secs_f64()
-    );
-    eprintln!("route (in-process shards until the client generates across servers):");
-    for (i, shard) in model.shards().iter().enumerate() {
-        eprintln!(
-            "  shard {i}: blocks {} ({:.1} MiB of weights)",
-            shard.range(),
-            shard.weight_bytes() as f64 / (1024.0 * 1024.0)
-        );
-    }
-    eprintln!("prompt: {prompt}");
-    let ids = tokenizer.encode_chat(&[ChatMessage::user(prompt)])?;
-    let options = GenerateOptions {
-        max_new_tokens,
-        ..GenerateOptions::default()
-    };
-    run_and_print(&model, &tokenizer, &ids, &options)
+/// The line `--ids` adds to stderr.
+pub(crate) fn print_ids(ids: &[u32]) {
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    eprintln!("ids: {}", ids.join(" "));
 }
 
 fn bench(json: bool, tokens: usize, repeats: usize) -> Result<(), SherpaError> {

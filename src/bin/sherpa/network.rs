@@ -1,30 +1,20 @@
 //! `sherpa tracker`, `sherpa serve` and `sherpa nodes`.
 
-use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use sherpa_swarm::core::{BlockRange, ModelId, ServerInfo};
-use sherpa_swarm::dht::{
-    self, Bandwidth, Node, NodeConfig, PeerId, RelayMode, ServerListing, SwarmKey,
-};
+use sherpa_swarm::core::infer::Dtype;
+use sherpa_swarm::core::{BlockRange, ModelId};
+use sherpa_swarm::dht::SessionOptions;
+use sherpa_swarm::dht::{self, Multiaddr, Node, NodeConfig, RelayMode, SurveyOptions, SwarmKey};
 use sherpa_swarm::model_store::{self, sherpa_home};
-use sherpa_swarm::score::{
-    plan, select, Candidate, Overrides, RouteOptions, SelectionPolicy, ServerId,
-};
-use sherpa_swarm::shard::{
-    BlockShard, CacheBudget, Device, ModelFiles, SessionCache, WeightPrecision,
-};
-use sherpa_swarm::SherpaError;
+use sherpa_swarm::score::{plan, select, Candidate, Overrides, RouteOptions, SelectionPolicy};
+use sherpa_swarm::shard::{ChatMessage, GenerateOptions, ModelFiles, ShardError, TextTokenizer};
+use sherpa_swarm::{Client, Server, SherpaError, Tracker};
 
 use crate::selector::NodesView;
-use crate::{NodesArgs, RelayArg, ServeArgs};
-
-/// How often a server re-signs its record, and how long each lives.
-const REFRESH: Duration = Duration::from_secs(30);
-const RECORD_TTL: Duration = Duration::from_secs(120);
+use crate::{GenerateArgs, NodesArgs, RelayArg, ServeArgs};
 
 fn net(e: impl std::fmt::Display) -> SherpaError {
     SherpaError::Network(e.to_string())
@@ -45,15 +35,13 @@ fn multiaddr(text: &str) -> Result<dht::Multiaddr, SherpaError> {
     })
 }
 
-/// Prints the first listen address (the line scripts read), then waits for Ctrl-C.
-async fn announce_address(node: &Node) -> Result<(), SherpaError> {
-    let addrs = node.listen_addrs().await.map_err(net)?;
+/// Prints the listen addresses, the first one first (the line scripts read).
+fn announce_address(addrs: &[Multiaddr]) {
     let mut stdout = std::io::stdout().lock();
-    for addr in &addrs {
+    for addr in addrs {
         let _ = writeln!(stdout, "{addr}");
     }
     let _ = stdout.flush();
-    Ok(())
 }
 
 /// The private swarm key at `path`, if one was given.
@@ -103,64 +91,37 @@ pub(crate) fn tracker(
     let swarm_key = swarm_key(swarm_key_path.as_deref())?;
     let listen = listen_addrs(&listen, 4343, swarm_key.is_some())?;
     runtime()?.block_on(async move {
-        let node = Node::start(
-            NodeConfig::new(key)
-                .with_listen(listen)
-                .with_swarm_key(swarm_key)
-                .with_relay_server(true)
-                .with_relay(RelayMode::Never)
-                .with_record_ttl(RECORD_TTL),
-        )
-        .await
-        .map_err(net)?;
-        announce_address(&node).await?;
+        let mut builder = Tracker::builder().key(key).swarm_key(swarm_key);
+        for addr in listen {
+            builder = builder.listen(addr);
+        }
+        let tracker = builder.start().await?;
+        announce_address(tracker.addrs());
         eprintln!("tracker running (DHT bootstrap, relay, AutoNAT); Ctrl-C stops it");
         tokio::signal::ctrl_c().await.map_err(net)?;
-        node.shutdown().await;
+        tracker.shutdown().await;
         Ok(())
     })
 }
 
-fn model_id_for(arg: &str, explicit: Option<&str>) -> Result<ModelId, SherpaError> {
-    if let Some(id) = explicit {
-        return Ok(ModelId::new(id)?);
+/// Where a node finds its swarm, from `--tracker` / `--lan`.
+pub(crate) fn bootstrap(tracker: Option<&str>, lan: bool) -> Result<Vec<Multiaddr>, SherpaError> {
+    match (tracker, lan) {
+        (Some(tracker), _) => Ok(vec![multiaddr(tracker)?]),
+        (None, true) => Ok(Vec::new()),
+        (None, false) => Err(SherpaError::Network(
+            "say where to look: --tracker MULTIADDR or --lan".into(),
+        )),
     }
-    if model_store::known_model(arg).is_some() {
-        return Ok(ModelId::new(arg)?);
-    }
-    let stem = std::path::Path::new(arg)
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let clean: String = stem
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    Ok(ModelId::new(clean)?)
 }
 
 pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
     let blocks: BlockRange = args.blocks.parse()?;
-    let model = model_id_for(&args.model, args.model_id.as_deref())?;
+    let model = match args.model_id.as_deref() {
+        Some(id) => ModelId::new(id)?,
+        None => model_store::model_id(&args.model)?,
+    };
     let path = model_store::resolve_model(&args.model, &mut crate::fetch_progress())?;
-    let files = ModelFiles::open(&path)?;
-    let shard = Arc::new(BlockShard::load(
-        &files,
-        blocks,
-        &Device::Cpu,
-        WeightPrecision::Native,
-    )?);
-    let throughput = shard.measure_throughput(8)?;
-    let per_token =
-        SessionCache::bytes_needed(shard.config(), blocks, 1, sherpa_swarm::shard::DType::F32)
-            .max(1);
-    let cache_bytes = args.cache_mib.saturating_mul(1 << 20);
     let key = dht::load_or_create_node_key(
         &args
             .data_dir
@@ -174,103 +135,47 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
         RelayArg::Always => RelayMode::Always,
         RelayArg::Never => RelayMode::Never,
     };
-    let bootstrap: Vec<dht::Multiaddr> = args
-        .swarm
-        .tracker
-        .as_deref()
-        .map(multiaddr)
-        .transpose()?
-        .into_iter()
-        .collect();
-    let tracker_peer = bootstrap.first().and_then(peer_of);
-    eprintln!(
-        "serving {model} blocks {blocks} ({:.1} MiB of weights, {throughput:.0} blocks x tokens/s)",
-        shard.weight_bytes() as f64 / 1048576.0
-    );
-    let service = Arc::new(dht::InferenceService::new(
-        model.clone(),
-        shard.clone(),
-        CacheBudget::new(cache_bytes),
-    ));
+    let bootstrap = bootstrap(args.swarm.tracker.as_deref(), args.swarm.lan)?;
     runtime()?.block_on(async move {
-        let node = Node::start(
-            NodeConfig::new(key.clone())
-                .with_listen(listen)
-                .with_bootstrap(bootstrap)
-                .with_mdns(args.swarm.lan)
-                .with_swarm_key(swarm_key)
-                .with_relay(relay)
-                .with_record_ttl(RECORD_TTL)
-                .with_inference(service),
-        )
-        .await
-        .map_err(net)?;
-        let mut info = ServerInfo::new(
-            key.public_key(),
-            model,
-            blocks,
-            shard.config().num_hidden_layers as u32,
-        );
-        info.throughput = throughput;
-        info.cache_tokens_free = cache_bytes / per_token;
-        info.hardware = sherpa_swarm::hardware::detect();
-        info.public_name = args.name.unwrap_or_else(|| {
-            // Peer ids share a long prefix; their end tells them apart.
-            let id = node.peer_id().to_string();
-            format!("sherpa-{}", &id[id.len().saturating_sub(6)..])
-        });
-        announce_address(&node).await?;
-        // Self-reported bandwidth: a probe to the tracker. Clients measure
-        // their own link to us and prefer that.
-        if let Some(tracker) = tracker_peer {
-            match node.probe(tracker, SELF_PROBE_BYTES).await {
-                Ok(b) => {
-                    // The tracker's upload is our download, and back.
-                    info.upload_bps = b.download_bps;
-                    info.download_bps = b.upload_bps;
-                    eprintln!(
-                        "bandwidth to the tracker: {:.0} Mbit/s up, {:.0} Mbit/s down",
-                        b.download_bps as f64 * 8e-6,
-                        b.upload_bps as f64 * 8e-6
-                    );
-                }
-                Err(e) => eprintln!(
-                    "could not measure bandwidth to the tracker ({e}); announcing it as unknown"
-                ),
-            }
+        let mut builder = Server::builder(path.to_string_lossy(), blocks)
+            .model_id(model.clone())
+            .key(key)
+            .lan(args.swarm.lan)
+            .swarm_key(swarm_key)
+            .relay(relay)
+            .cache_bytes(args.cache_mib.saturating_mul(1 << 20));
+        for addr in listen {
+            builder = builder.listen(addr);
         }
-        let task = dht::announce_periodically(
-            node.clone(),
-            key.clone(),
-            info.clone(),
-            REFRESH,
-            RECORD_TTL,
+        for addr in bootstrap {
+            builder = builder.tracker(addr);
+        }
+        if let Some(name) = args.name {
+            builder = builder.name(name);
+        }
+        let server = builder.start().await?;
+        announce_address(server.addrs());
+        eprintln!(
+            "serving {model} blocks {blocks} as {} ({:.1} MiB of weights, {:.0} blocks x tokens/s)",
+            server.info().public_name,
+            server.shard().weight_bytes() as f64 / 1048576.0,
+            server.info().throughput
         );
+        if let Some(b) = server.bandwidth() {
+            eprintln!(
+                "bandwidth to the tracker: {:.0} Mbit/s up, {:.0} Mbit/s down",
+                b.download_bps as f64 * 8e-6,
+                b.upload_bps as f64 * 8e-6
+            );
+        }
         eprintln!("announced; serving inference sessions. Ctrl-C withdraws and stops.");
         tokio::signal::ctrl_c().await.map_err(net)?;
-        task.abort();
-        match dht::withdraw(&node, &key, &info).await {
+        match server.shutdown().await {
             Ok(()) => eprintln!("withdrawn"),
-            Err(e) => eprintln!(
-                "could not withdraw ({e}); the record expires in {}s",
-                RECORD_TTL.as_secs()
-            ),
+            Err(e) => eprintln!("{e}"),
         }
-        node.shutdown().await;
-        drop(shard);
         Ok(())
     })
-}
-
-/// Bytes each way of the probe a server runs to its tracker at start-up.
-const SELF_PROBE_BYTES: u32 = 1 << 20;
-
-/// The peer id at the end of a `/p2p/<id>` multiaddr.
-fn peer_of(addr: &dht::Multiaddr) -> Option<PeerId> {
-    match addr.iter().last() {
-        Some(dht::multiaddr::Protocol::P2p(peer)) => Some(peer),
-        _ => None,
-    }
 }
 
 /// Bytes each way of the bandwidth probe `sherpa nodes` runs per server.
@@ -278,15 +183,7 @@ const PROBE_BYTES: u32 = 256 << 10;
 
 pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
     let lan = args.swarm.lan;
-    let bootstrap = match (&args.swarm.tracker, lan) {
-        (Some(tracker), _) => vec![multiaddr(tracker)?],
-        (None, true) => Vec::new(),
-        (None, false) => {
-            return Err(SherpaError::Network(
-                "say where to look: --tracker MULTIADDR or --lan".into(),
-            ))
-        }
-    };
+    let bootstrap = bootstrap(args.swarm.tracker.as_deref(), lan)?;
     let model = ModelId::new(&args.model)?;
     let key = dht::identity::ephemeral_node_key();
     let swarm_key = swarm_key(args.swarm.swarm_key.as_deref())?;
@@ -303,28 +200,17 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
             .with_swarm_key(swarm_key)
             .with_relay(RelayMode::Never);
         let node = Node::start(config).await.map_err(net)?;
-        let listing = settled_listing(&node, &model, lan).await?;
-        let pings = measure_pings(&node, &listing).await?;
-        let probes = if !args.no_probe {
-            measure_bandwidth(&node, &listing).await
-        } else {
-            HashMap::new()
+        let options = SurveyOptions {
+            settle: Duration::from_secs(if lan { 8 } else { 4 }),
+            probe_bytes: (!args.no_probe).then_some(PROBE_BYTES),
+            ..SurveyOptions::default()
         };
+        let survey = dht::survey(&node, &model, &options).await?;
         node.shutdown().await;
-        let candidates: Vec<Candidate> = listing
-            .servers
-            .iter()
-            .map(|s| {
-                let c = Candidate::from_info(&s.info, pings.get(&s.peer_id).copied());
-                match probes.get(&s.peer_id) {
-                    Some(b) => c.with_probe(b.upload_bps, b.download_bps),
-                    None => c,
-                }
-            })
-            .collect();
+        let (listing, candidates) = (&survey.listing, &survey.candidates);
         let overrides = Overrides {
-            pinned: matching(&listing, &args.pin)?,
-            excluded: matching(&listing, &args.exclude)?,
+            pinned: survey.ids_named(&args.pin)?,
+            excluded: survey.ids_named(&args.exclude)?,
         };
         let policy = SelectionPolicy {
             max_nodes: args.max_nodes,
@@ -332,7 +218,7 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
         };
         let blocks = listing.model_blocks();
         let selection = if blocks > 0 {
-            Some(select(&candidates, blocks, &policy, &overrides).map_err(net)?)
+            Some(select(candidates, blocks, &policy, &overrides).map_err(net)?)
         } else {
             None
         };
@@ -350,8 +236,8 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
         let view = NodesView {
             model: &model,
             blocks,
-            listing: &listing,
-            candidates: &candidates,
+            listing,
+            candidates,
             selection: selection.as_ref(),
             route: route.as_ref().map(|(c, r)| (c.as_slice(), r)),
         };
@@ -364,99 +250,190 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
     })
 }
 
-/// Looks until two lookups a moment apart agree: the first ones also find
-/// and connect peers, and mDNS answers take a second or two.
-async fn settled_listing(
-    node: &Node,
-    model: &ModelId,
-    lan: bool,
-) -> Result<ServerListing, SherpaError> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(if lan { 8 } else { 4 });
-    let mut listing = node.list_servers(model, dht::now_ms()).await.map_err(net)?;
-    loop {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        let again = node.list_servers(model, dht::now_ms()).await.map_err(net)?;
-        let settled = again.servers.len() == listing.servers.len() && !again.servers.is_empty();
-        if again.servers.len() >= listing.servers.len() {
-            listing = again;
+/// The peer-to-peer side of `sherpa generate`: a client joins the swarm,
+/// chooses servers and generates through them.
+pub(crate) fn generate(args: &GenerateArgs, options: GenerateOptions) -> Result<(), SherpaError> {
+    let bootstrap = bootstrap(args.tracker.as_deref(), args.lan)?;
+    let model = match args.model_id.as_deref() {
+        Some(id) => ModelId::new(id)?,
+        None => model_store::model_id(&args.model)?,
+    };
+    let path = model_store::resolve_model(&args.model, &mut crate::fetch_progress())?;
+    let swarm_key = swarm_key(args.swarm_key.as_deref())?;
+    runtime()?.block_on(async move {
+        let mut builder = Client::builder(path.to_string_lossy())
+            .model_id(model)
+            .lan(args.lan)
+            .swarm_key(swarm_key)
+            .local_blocks(args.local_blocks)
+            .max_nodes(args.max_nodes)
+            .session(session_options(args))
+            .listen(multiaddr(if args.lan {
+                "/ip4/0.0.0.0/tcp/0"
+            } else {
+                "/ip4/127.0.0.1/tcp/0"
+            })?);
+        for addr in bootstrap {
+            builder = builder.tracker(addr);
         }
-        if settled || std::time::Instant::now() > deadline {
-            return Ok(listing);
+        for name in &args.pin {
+            builder = builder.pin(name);
         }
+        for name in &args.exclude {
+            builder = builder.exclude(name);
+        }
+        let client = builder.start().await?;
+        let prompt = crate::encode_prompt(client_tokenizer(&client)?, &args.prompt, args.raw)?;
+        let result = run_distributed(&client, &prompt, &options, args.ids).await;
+        client.shutdown().await;
+        result
+    })
+}
+
+fn session_options(args: &GenerateArgs) -> SessionOptions {
+    SessionOptions {
+        dtype: match args.wire {
+            crate::WireArg::F32 => Dtype::F32,
+            crate::WireArg::F16 => Dtype::F16,
+        },
+        step_timeout: Duration::from_secs_f64(args.step_timeout.max(0.01)),
+        ..SessionOptions::default()
     }
 }
 
-/// The public keys of listed servers named (by public name or peer id) in
-/// `names`; a name matching nothing is an error.
-fn matching(listing: &ServerListing, names: &[String]) -> Result<HashSet<ServerId>, SherpaError> {
-    let mut ids = HashSet::new();
-    for name in names {
-        let found: Vec<ServerId> = listing
-            .servers
-            .iter()
-            .filter(|s| &s.info.public_name == name || &s.peer_id.to_string() == name)
-            .map(|s| s.info.public_key)
-            .collect();
-        if found.is_empty() {
-            return Err(SherpaError::Network(format!(
-                "no listed server is called {name:?} (use a name or peer id from `sherpa nodes`)"
-            )));
-        }
-        ids.extend(found);
-    }
-    Ok(ids)
+fn client_tokenizer(client: &Client) -> Result<&TextTokenizer, SherpaError> {
+    client.tokenizer().ok_or_else(|| {
+        SherpaError::Shard(ShardError::BadSettings(
+            "the model file carries no tokenizer".into(),
+        ))
+    })
 }
 
-/// Probes every listed server's bandwidth at once; failures are left out.
-async fn measure_bandwidth(node: &Node, listing: &ServerListing) -> HashMap<PeerId, Bandwidth> {
-    let mut probes = tokio::task::JoinSet::new();
-    for server in &listing.servers {
-        let (node, peer) = (node.clone(), server.peer_id);
-        probes.spawn(async move { (peer, node.probe(peer, PROBE_BYTES).await) });
+/// Opens a session, prints its route, streams the tokens to stdout, and
+/// reports speed and any failovers on stderr.
+async fn run_distributed(
+    client: &Client,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    show_ids: bool,
+) -> Result<(), SherpaError> {
+    let mut session = client
+        .session(client.max_length(prompt.len(), options))
+        .await?;
+    eprintln!("route:");
+    let local = client.local_blocks();
+    if let Some(blocks) = local {
+        eprintln!("  blocks {blocks} on this client");
     }
-    let mut found = HashMap::new();
-    while let Some(done) = probes.join_next().await {
-        match done {
-            Ok((peer, Ok(bandwidth))) => {
-                found.insert(peer, bandwidth);
+    for step in session.route() {
+        eprintln!("  {step}");
+    }
+    let tokenizer = client_tokenizer(client)?;
+    let mut decoder = tokenizer.stream_decoder();
+    let mut stdout = std::io::stdout();
+    let result = client
+        .generate_in(&mut session, prompt, options, &mut |id| {
+            match decoder.push(id) {
+                Ok(Some(piece)) => {
+                    // A closed stdout (e.g. `| head`) ends the generation quietly.
+                    stdout
+                        .write_all(piece.as_bytes())
+                        .and_then(|_| stdout.flush())
+                        .is_ok()
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot decode a token");
+                    true
+                }
             }
-            Ok((peer, Err(e))) => tracing::debug!(%peer, error = %e, "bandwidth probe failed"),
-            Err(e) => tracing::debug!(error = %e, "bandwidth probe task failed"),
-        }
+        })
+        .await;
+    session.close().await;
+    let out = result?;
+    let _ = writeln!(stdout);
+    if show_ids {
+        crate::print_ids(&out.output.tokens);
     }
-    found
-}
-
-/// Connects to every listed server (directly or through a relay) and
-/// waits, briefly, for a ping to each.
-async fn measure_pings(
-    node: &Node,
-    listing: &ServerListing,
-) -> Result<HashMap<PeerId, Duration>, SherpaError> {
-    let mut connects = tokio::task::JoinSet::new();
-    for server in &listing.servers {
-        let (node, peer, name) = (
-            node.clone(),
-            server.peer_id,
-            server.info.public_name.clone(),
+    for f in &out.failovers {
+        let by: Vec<String> = f.replaced_by.iter().map(ToString::to_string).collect();
+        eprintln!(
+            "failover: lost {} ({}); replaced by {} in {} ms, {} positions replayed",
+            f.lost,
+            f.error,
+            if by.is_empty() {
+                "nothing (it failed too)".to_owned()
+            } else {
+                by.join(", ")
+            },
+            f.took.as_millis(),
+            f.replayed_positions
         );
-        connects.spawn(async move {
-            if let Err(e) = node.connect(peer, Vec::new()).await {
-                eprintln!("cannot reach {name} ({peer}): {e}");
-            }
-        });
     }
-    while connects.join_next().await.is_some() {}
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        let pings = node.pings().await.map_err(net)?;
-        let all = listing
-            .servers
-            .iter()
-            .all(|s| pings.contains_key(&s.peer_id));
-        if all || std::time::Instant::now() > deadline {
-            return Ok(pings);
+    let o = &out.output;
+    eprintln!(
+        "{} prompt tokens at {:.1} tokens/s, {} generated at {:.1} tokens/s",
+        o.prompt_tokens,
+        o.prefill_tokens_per_second(),
+        o.tokens.len(),
+        o.decode_tokens_per_second()
+    );
+    Ok(())
+}
+
+/// `sherpa demo`: a tracker, `servers` servers splitting the default model
+/// and a client, all in this process on loopback.
+pub(crate) fn demo(servers: u32, prompt: &str, max_new_tokens: usize) -> Result<(), SherpaError> {
+    let path =
+        model_store::resolve_model(model_store::DEFAULT_MODEL, &mut crate::fetch_progress())?;
+    let blocks = ModelFiles::open(&path)?.config().num_hidden_layers as u32;
+    let spans = BlockRange::split_evenly(blocks, servers)?;
+    let model = ModelId::new(model_store::DEFAULT_MODEL)?;
+    let file = path.to_string_lossy().into_owned();
+    runtime()?.block_on(async move {
+        let started = std::time::Instant::now();
+        let tracker = Tracker::builder().start().await?;
+        eprintln!("tracker: {}", tracker.addr());
+        let mut running = Vec::new();
+        for (i, span) in spans.iter().enumerate() {
+            let server = Server::builder(file.clone(), *span)
+                .model_id(model.clone())
+                .name(format!("server-{i}"))
+                .cache_bytes(256 << 20)
+                .tracker(tracker.addr().clone())
+                .start()
+                .await?;
+            eprintln!(
+                "server-{i}: blocks {span} ({:.1} MiB of weights, {:.0} blocks x tokens/s) at {}",
+                server.shard().weight_bytes() as f64 / 1048576.0,
+                server.info().throughput,
+                server.addr()
+            );
+            running.push(server);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let client = Client::builder(file.clone())
+            .model_id(model)
+            .tracker(tracker.addr().clone())
+            .start()
+            .await?;
+        eprintln!(
+            "model: {} ({blocks} blocks); swarm up in {:.2}s",
+            path.display(),
+            started.elapsed().as_secs_f64()
+        );
+        eprintln!("prompt: {prompt}");
+        let tokenizer = client_tokenizer(&client)?;
+        let ids = tokenizer.encode_chat(&[ChatMessage::user(prompt)])?;
+        let options = GenerateOptions {
+            max_new_tokens,
+            ..GenerateOptions::default()
+        };
+        let result = run_distributed(&client, &ids, &options, false).await;
+        client.shutdown().await;
+        for server in running {
+            server.abort().await;
+        }
+        tracker.shutdown().await;
+        result
+    })
 }
