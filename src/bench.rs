@@ -3,7 +3,11 @@
 //! Every comparison is a ratio of two measurements taken in the same process,
 //! interleaved, so a noisy machine skews both sides alike. With the
 //! `bench-baseline` feature the local decode is compared against
-//! candle-transformers' `quantized_llama` on the same file.
+//! candle-transformers' `quantized_llama` on the same file. [`swarm`] adds
+//! the network: a hop's round trip against raw TCP, and decode through three
+//! servers against local decode.
+
+pub mod swarm;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -4,6 +4,7 @@
 
 mod common;
 
+use sherpa_swarm::bench::swarm::run_swarm;
 use sherpa_swarm::bench::{run_local, BenchSettings};
 
 #[test]
@@ -41,5 +42,29 @@ fn bench_reports_decode_prefill_and_the_bandwidth_ceiling() {
     for r in &records {
         let json = r.to_json();
         assert!(json.starts_with("{\"name\":") && json.ends_with('}') && !json.contains('\n'));
+    }
+}
+
+#[test]
+fn bench_compares_a_hop_with_raw_tcp_and_the_swarm_with_local_decode() {
+    let path = common::smollm2();
+    let settings = BenchSettings {
+        new_tokens: 8,
+        repeats: 1,
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut records = Vec::new();
+    runtime
+        .block_on(run_swarm(&path, &settings, &mut |r| records.push(r)))
+        .unwrap();
+    for (name, target) in [("hop_round_trip_8k", 0.5), ("swarm_decode_3_servers", 0.9)] {
+        let r = records
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {records:?}"));
+        let ratio = r.ratio.unwrap();
+        assert!(r.value.is_finite() && r.value > 0.0, "{r:?}");
+        assert!(ratio.is_finite() && ratio > 0.0, "{r:?}");
+        assert_eq!(r.target, Some(target));
     }
 }

@@ -430,13 +430,17 @@ fn bench(json: bool, tokens: usize, repeats: usize) -> Result<(), SherpaError> {
         new_tokens: tokens.max(2),
         repeats,
     };
-    let mut stdout = std::io::stdout().lock();
-    sherpa_swarm::bench::run_local(&path, &settings, &mut |record| {
+    let mut print = move |record: sherpa_swarm::bench::BenchRecord| {
         let line = if json {
             record.to_json()
         } else {
             record.to_text()
         };
+        let mut stdout = std::io::stdout();
         let _ = writeln!(stdout, "{line}");
-    })
+    };
+    sherpa_swarm::bench::run_local(&path, &settings, &mut print)?;
+    network::runtime()?.block_on(sherpa_swarm::bench::swarm::run_swarm(
+        &path, &settings, &mut print,
+    ))
 }

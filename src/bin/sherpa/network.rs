@@ -20,7 +20,7 @@ fn net(e: impl std::fmt::Display) -> SherpaError {
     SherpaError::Network(e.to_string())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, SherpaError> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, SherpaError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,0 +1,276 @@
+//! Swarm figures, each next to what it is compared with in the same run:
+//! - a hop's round trip for an 8 KiB activation over the inference
+//!   protocol (Noise + yamux + framing, a server that computes nothing)
+//!   against a raw TCP ping-pong of the same bytes on loopback;
+//! - decode speed through a tracker and three servers in this process
+//!   against the same model run locally.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use swarm_core::infer::{Dtype, OpenSession, Request, Response, INFER_VERSION};
+use swarm_core::tensor_frame::WireDType;
+use swarm_core::{BlockRange, ModelId};
+use swarm_dht::session::INFER_STREAM;
+use swarm_dht::wire::{frame, read_frame, read_message, write_message};
+use swarm_dht::{Node, NodeConfig, RemoteSession};
+use swarm_shard::{Device, GenerateOptions, LocalModel, ModelFiles, WeightPrecision};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{median, BenchRecord, BenchSettings, PROMPT};
+use crate::{Client, Server, SherpaError, Tracker};
+
+/// Values in the 8 KiB activation: 2048 f32.
+pub const ACTIVATION_VALUES: usize = 2048;
+
+fn net(e: impl std::fmt::Display) -> SherpaError {
+    SherpaError::Network(e.to_string())
+}
+
+/// A node answering inference sessions by sending every step's input
+/// straight back: a hop whose round trip is the protocol's cost alone.
+pub async fn echo_server() -> Result<(Node, tokio::task::JoinHandle<()>), SherpaError> {
+    let node = Node::start(NodeConfig::new(swarm_dht::identity::ephemeral_node_key())).await?;
+    let mut incoming = node.accept(INFER_STREAM)?;
+    let task = tokio::spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            tokio::spawn(async move {
+                let Ok(Some(Request::Open(open))) = read_message::<_, Request>(&mut stream).await
+                else {
+                    return;
+                };
+                let opened = Response::Opened {
+                    hidden: ACTIVATION_VALUES as u32,
+                    cache_tokens_free: u64::from(open.max_length),
+                };
+                if write_message(&mut stream, &opened, None).await.is_err() {
+                    return;
+                }
+                let dtype = WireDType::from(open.dtype);
+                while let Ok(Some(Request::Step { positions, .. })) =
+                    read_message::<_, Request>(&mut stream).await
+                {
+                    let n = positions as usize;
+                    let Ok((dims, values)) = read_frame(&mut stream, n * ACTIVATION_VALUES).await
+                    else {
+                        return;
+                    };
+                    let Ok(f) = frame(&values, &dims, dtype) else {
+                        return;
+                    };
+                    let stepped = Response::Stepped { positions };
+                    if write_message(&mut stream, &stepped, Some(&f))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok((node, task))
+}
+
+/// A client session to an [`echo_server`], f32 on the wire.
+pub async fn echo_session(server: &Node) -> Result<(Node, RemoteSession), SherpaError> {
+    let addr = server
+        .listen_addrs()
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| net("the echo server has no address"))?;
+    let client = Node::start(
+        NodeConfig::new(swarm_dht::identity::ephemeral_node_key()).with_bootstrap(vec![addr]),
+    )
+    .await?;
+    let open = OpenSession {
+        version: INFER_VERSION,
+        model: ModelId::new("echo")?,
+        blocks: BlockRange::new(0, 1)?,
+        max_length: u32::MAX,
+        dtype: Dtype::F32,
+    };
+    let session = client.open_session(server.peer_id(), open).await?;
+    Ok((client, session))
+}
+
+/// A loopback TCP server sending back every `bytes` it receives, and a
+/// connection to it.
+pub async fn tcp_echo(
+    bytes: usize,
+) -> Result<(tokio::net::TcpStream, tokio::task::JoinHandle<()>), SherpaError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(net)?;
+    let addr = listener.local_addr().map_err(net)?;
+    let task = tokio::spawn(async move {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            return;
+        };
+        let _ = socket.set_nodelay(true);
+        let mut buf = vec![0u8; bytes];
+        while socket.read_exact(&mut buf).await.is_ok() {
+            if socket.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(net)?;
+    stream.set_nodelay(true).map_err(net)?;
+    Ok((stream, task))
+}
+
+/// One raw TCP round trip of `buf`.
+pub async fn tcp_round_trip(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut [u8],
+) -> Result<(), SherpaError> {
+    stream.write_all(buf).await.map_err(net)?;
+    stream.read_exact(buf).await.map_err(net)?;
+    Ok(())
+}
+
+/// Measures the swarm on the model at `path`, calling `report` with each
+/// figure as soon as it is known.
+pub async fn run_swarm(
+    path: &Path,
+    settings: &BenchSettings,
+    report: &mut (dyn FnMut(BenchRecord) + Send),
+) -> Result<(), SherpaError> {
+    hop_overhead(settings, report).await?;
+    distributed_decode(path, settings, report).await
+}
+
+async fn hop_overhead(
+    settings: &BenchSettings,
+    report: &mut (dyn FnMut(BenchRecord) + Send),
+) -> Result<(), SherpaError> {
+    const ROUNDS: usize = 200;
+    let (server, serving) = echo_server().await?;
+    let (client, mut session) = echo_session(&server).await?;
+    let (mut tcp, tcp_task) = tcp_echo(ACTIVATION_VALUES * 4).await?;
+    let activation = vec![0.5f32; ACTIVATION_VALUES];
+    let mut bytes = vec![7u8; ACTIVATION_VALUES * 4];
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    // One warm-up round each, then interleaved measurements.
+    for round in 0..=settings.repeats.max(1) {
+        let started = Instant::now();
+        for _ in 0..ROUNDS {
+            session.step(&activation).await?;
+        }
+        let o = started.elapsed().as_secs_f64() / ROUNDS as f64;
+        let started = Instant::now();
+        for _ in 0..ROUNDS {
+            tcp_round_trip(&mut tcp, &mut bytes).await?;
+        }
+        let r = started.elapsed().as_secs_f64() / ROUNDS as f64;
+        if round > 0 {
+            ours.push(o);
+            raw.push(r);
+        }
+    }
+    let (ours, raw) = (median(ours), median(raw));
+    report(BenchRecord::plain("raw_tcp_round_trip_8k", raw * 1e6, "us"));
+    report(BenchRecord {
+        name: "hop_round_trip_8k".into(),
+        value: ours * 1e6,
+        unit: "us",
+        // Raw TCP's time over ours: 0.5 means twice the raw round trip.
+        ratio: Some(raw / ours),
+        target: Some(0.5),
+    });
+    drop(session);
+    client.shutdown().await;
+    server.shutdown().await;
+    serving.abort();
+    tcp_task.abort();
+    Ok(())
+}
+
+async fn distributed_decode(
+    path: &Path,
+    settings: &BenchSettings,
+    report: &mut (dyn FnMut(BenchRecord) + Send),
+) -> Result<(), SherpaError> {
+    let file = path.to_string_lossy().into_owned();
+    let model_id = ModelId::new("bench-model")?;
+    let local = {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<LocalModel, SherpaError> {
+            let files = ModelFiles::open(&path)?;
+            Ok(LocalModel::load(
+                &files,
+                &[],
+                &Device::Cpu,
+                WeightPrecision::Native,
+            )?)
+        })
+        .await
+        .map_err(net)??
+    };
+    let local = Arc::new(local);
+    let blocks = local.head().config().num_hidden_layers as u32;
+    let tracker = Tracker::builder().start().await?;
+    let mut servers = Vec::new();
+    for span in BlockRange::split_evenly(blocks, 3)? {
+        servers.push(
+            Server::builder(file.clone(), span)
+                .model_id(model_id.clone())
+                .tracker(tracker.addr().clone())
+                .probe_tracker(false)
+                .start()
+                .await?,
+        );
+    }
+    let client = Client::builder(file)
+        .model_id(model_id)
+        .tracker(tracker.addr().clone())
+        .start()
+        .await?;
+    let options = GenerateOptions {
+        max_new_tokens: settings.new_tokens,
+        stop_at_eos: false,
+        ..GenerateOptions::default()
+    };
+    let (mut swarm, mut here) = (Vec::new(), Vec::new());
+    for round in 0..=settings.repeats.max(1) {
+        let out = client.generate(&PROMPT, &options, &mut |_| true).await?;
+        let s = out.output.decode_tokens_per_second();
+        let (model, opts) = (local.clone(), options.clone());
+        let l = tokio::task::spawn_blocking(move || {
+            model
+                .generate(&PROMPT, &opts, &mut |_| Ok(true))
+                .map(|o| o.decode_tokens_per_second())
+        })
+        .await
+        .map_err(net)??;
+        if round > 0 {
+            swarm.push(s);
+            here.push(l);
+        }
+    }
+    let (swarm, here) = (median(swarm), median(here));
+    report(BenchRecord::plain(
+        "local_decode_same_run",
+        here,
+        "tokens/s",
+    ));
+    report(BenchRecord {
+        name: "swarm_decode_3_servers".into(),
+        value: swarm,
+        unit: "tokens/s",
+        ratio: Some(swarm / here),
+        target: Some(0.9),
+    });
+    client.shutdown().await;
+    for server in servers {
+        server.abort().await;
+    }
+    tracker.shutdown().await;
+    // Give the nodes' tasks a moment to wind down before the runtime ends.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
+}
