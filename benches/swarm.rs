@@ -13,10 +13,10 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sherpa_swarm::bench::swarm::{
     echo_server, echo_session, tcp_echo, tcp_round_trip, ACTIVATION_VALUES,
 };
-use sherpa_swarm::core::{BlockRange, ModelId};
+use sherpa_swarm::core::ModelId;
 use sherpa_swarm::model_store::{fetch_model, known_model, DEFAULT_MODEL};
 use sherpa_swarm::shard::{Device, GenerateOptions, LocalModel, ModelFiles, WeightPrecision};
-use sherpa_swarm::{Client, Server, Tracker};
+use sherpa_swarm::LocalSwarm;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
@@ -75,32 +75,15 @@ fn decode(c: &mut Criterion) {
     .unwrap();
     let files = ModelFiles::open(&path).unwrap();
     let local = LocalModel::load(&files, &[], &Device::Cpu, WeightPrecision::Native).unwrap();
-    let blocks = files.config().num_hidden_layers as u32;
     let rt = runtime();
-    let file = path.to_string_lossy().into_owned();
-    let id = ModelId::new("bench-model").unwrap();
-    let (tracker, servers, client) = rt.block_on(async {
-        let tracker = Tracker::builder().start().await.unwrap();
-        let mut servers = Vec::new();
-        for span in BlockRange::split_evenly(blocks, 3).unwrap() {
-            servers.push(
-                Server::builder(file.clone(), span)
-                    .model_id(id.clone())
-                    .tracker(tracker.addr().clone())
-                    .probe_tracker(false)
-                    .start()
-                    .await
-                    .unwrap(),
-            );
-        }
-        let client = Client::builder(file.clone())
-            .model_id(id.clone())
-            .tracker(tracker.addr().clone())
-            .start()
-            .await
-            .unwrap();
-        (tracker, servers, client)
-    });
+    let swarm = rt
+        .block_on(LocalSwarm::start(
+            &path.to_string_lossy(),
+            ModelId::new("bench-model").unwrap(),
+            3,
+        ))
+        .unwrap();
+    let client = &swarm.client;
     let mut group = c.benchmark_group("decode_step");
     group.sample_size(10);
     group.bench_function("local", |b| {
@@ -124,13 +107,7 @@ fn decode(c: &mut Criterion) {
         })
     });
     group.finish();
-    rt.block_on(async {
-        client.shutdown().await;
-        for s in servers {
-            s.abort().await;
-        }
-        tracker.shutdown().await;
-    });
+    rt.block_on(swarm.shutdown());
 }
 
 criterion_group!(benches, hop, decode);

@@ -28,25 +28,20 @@ fn generate_local_prints_the_reference_continuation() {
     let tokenizer = TextTokenizer::from_model(&files).unwrap();
     let expected = tokenizer.decode(&expected_ids).unwrap();
 
-    let out = sherpa()
-        .args([
-            "generate",
-            "--local",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-        ])
-        .arg(expected_ids.len().to_string())
-        .arg("--model")
-        .arg(&path)
-        .arg("--prompt")
-        .arg(case["prompt"].as_str().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        sherpa()
+            .args([
+                "generate",
+                "--local",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+            ])
+            .arg(expected_ids.len().to_string())
+            .arg("--model")
+            .arg(&path)
+            .arg("--prompt")
+            .arg(case["prompt"].as_str().unwrap()),
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.trim_end(), expected.trim_end());

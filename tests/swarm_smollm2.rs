@@ -152,17 +152,12 @@ fn parse_stderr(stderr: &str, printed: &mut Printed) {
 
 /// Local greedy output, the reference.
 fn local(model: &Path) -> Printed {
-    let out = sherpa()
-        .args(["generate", "--local", "--model"])
-        .arg(model)
-        .args(["--ids", "--temperature", "0", "--max-new-tokens", TOKENS])
-        .args(["--prompt", PROMPT])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        sherpa()
+            .args(["generate", "--local", "--model"])
+            .arg(model)
+            .args(["--ids", "--temperature", "0", "--max-new-tokens", TOKENS])
+            .args(["--prompt", PROMPT]),
     );
     let mut printed = Printed {
         text: String::from_utf8(out.stdout).unwrap(),

@@ -20,7 +20,7 @@ use swarm_shard::{Device, GenerateOptions, LocalModel, ModelFiles, WeightPrecisi
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{median, BenchRecord, BenchSettings, PROMPT};
-use crate::{Client, Server, SherpaError, Tracker};
+use crate::{LocalSwarm, SherpaError};
 
 /// Values in the 8 KiB activation: 2048 f32.
 pub const ACTIVATION_VALUES: usize = 2048;
@@ -196,7 +196,6 @@ async fn distributed_decode(
     report: &mut (dyn FnMut(BenchRecord) + Send),
 ) -> Result<(), SherpaError> {
     let file = path.to_string_lossy().into_owned();
-    let model_id = ModelId::new("bench-model")?;
     let local = {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || -> Result<LocalModel, SherpaError> {
@@ -212,30 +211,14 @@ async fn distributed_decode(
         .map_err(net)??
     };
     let local = Arc::new(local);
-    let blocks = local.head().config().num_hidden_layers as u32;
-    let tracker = Tracker::builder().start().await?;
-    let mut servers = Vec::new();
-    for span in BlockRange::split_evenly(blocks, 3)? {
-        servers.push(
-            Server::builder(file.clone(), span)
-                .model_id(model_id.clone())
-                .tracker(tracker.addr().clone())
-                .probe_tracker(false)
-                .start()
-                .await?,
-        );
-    }
-    let client = Client::builder(file)
-        .model_id(model_id)
-        .tracker(tracker.addr().clone())
-        .start()
-        .await?;
+    let swarm = LocalSwarm::start(&file, ModelId::new("bench-model")?, 3).await?;
+    let client = &swarm.client;
     let options = GenerateOptions {
         max_new_tokens: settings.new_tokens,
         stop_at_eos: false,
         ..GenerateOptions::default()
     };
-    let (mut swarm, mut here) = (Vec::new(), Vec::new());
+    let (mut through, mut here) = (Vec::new(), Vec::new());
     for round in 0..=settings.repeats.max(1) {
         let out = client.generate(&PROMPT, &options, &mut |_| true).await?;
         let s = out.output.decode_tokens_per_second();
@@ -248,11 +231,11 @@ async fn distributed_decode(
         .await
         .map_err(net)??;
         if round > 0 {
-            swarm.push(s);
+            through.push(s);
             here.push(l);
         }
     }
-    let (swarm, here) = (median(swarm), median(here));
+    let (through, here) = (median(through), median(here));
     report(BenchRecord::plain(
         "local_decode_same_run",
         here,
@@ -260,16 +243,12 @@ async fn distributed_decode(
     ));
     report(BenchRecord {
         name: "swarm_decode_3_servers".into(),
-        value: swarm,
+        value: through,
         unit: "tokens/s",
-        ratio: Some(swarm / here),
+        ratio: Some(through / here),
         target: Some(0.9),
     });
-    client.shutdown().await;
-    for server in servers {
-        server.abort().await;
-    }
-    tracker.shutdown().await;
+    swarm.shutdown().await;
     // Give the nodes' tasks a moment to wind down before the runtime ends.
     tokio::time::sleep(Duration::from_millis(50)).await;
     Ok(())

@@ -25,7 +25,7 @@ use swarm_shard::{
 
 use crate::error::DhtError;
 use crate::node::Node;
-use crate::session::RemoteSession;
+use crate::session::{whole_positions, RemoteSession};
 use crate::survey::{survey, Survey, SurveyOptions};
 use crate::PeerId;
 
@@ -196,14 +196,7 @@ impl InferenceSession {
                 "the session was lost earlier: {why}"
             )));
         }
-        let n = hidden_states.len() / self.hidden.max(1);
-        if n == 0 || n * self.hidden != hidden_states.len() {
-            return Err(DhtError::Transport(format!(
-                "{} values are not whole positions of {}",
-                hidden_states.len(),
-                self.hidden
-            )));
-        }
+        let n = whole_positions(hidden_states.len(), self.hidden)?;
         if self.positions + n > self.options.max_length as usize {
             return Err(DhtError::Transport(format!(
                 "the session holds at most {} positions; {} are used and {n} more were sent",

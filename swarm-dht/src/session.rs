@@ -216,6 +216,18 @@ async fn next_request(
         .map_err(|_| DhtError::Timeout("the client's next message"))?
 }
 
+/// How many positions of `hidden` values `values` are; an error unless
+/// they are a whole, non-zero number.
+pub(crate) fn whole_positions(values: usize, hidden: usize) -> Result<usize, DhtError> {
+    let n = values / hidden.max(1);
+    if n == 0 || n * hidden != values {
+        return Err(DhtError::Transport(format!(
+            "{values} values are not whole positions of {hidden}"
+        )));
+    }
+    Ok(n)
+}
+
 /// The client's end of one hop's session.
 pub struct RemoteSession {
     stream: libp2p::Stream,
@@ -301,14 +313,7 @@ impl RemoteSession {
         hidden_states: &[f32],
         timeout: Duration,
     ) -> Result<Vec<f32>, DhtError> {
-        let n = hidden_states.len() / self.hidden.max(1);
-        if n == 0 || n * self.hidden != hidden_states.len() {
-            return Err(DhtError::Transport(format!(
-                "{} values are not whole positions of {}",
-                hidden_states.len(),
-                self.hidden
-            )));
-        }
+        let n = whole_positions(hidden_states.len(), self.hidden)?;
         let f = frame(hidden_states, &[1, n, self.hidden], self.dtype.into())?;
         let request = Request::Step {
             start: self.len,

@@ -52,15 +52,21 @@ impl Drop for ChildGuard {
 }
 
 /// Runs a command to completion, requiring success (stderr shown if not),
-/// and returns its stdout.
-pub fn output_ok(cmd: &mut std::process::Command) -> Vec<u8> {
+/// and returns its output.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    out.stdout
+    out
+}
+
+/// Runs a command to completion, requiring success (stderr shown if not),
+/// and returns its stdout.
+pub fn output_ok(cmd: &mut std::process::Command) -> Vec<u8> {
+    run_ok(cmd).stdout
 }
 
 /// Spawns a long-running command and reads its stdout lines until `enough`

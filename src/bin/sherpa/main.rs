@@ -133,10 +133,9 @@ struct SwarmArgs {
     swarm_key: Option<PathBuf>,
 }
 
+/// Which servers to choose.
 #[derive(Args, Debug)]
-struct NodesArgs {
-    #[command(flatten)]
-    swarm: SwarmArgs,
+struct SelectionArgs {
     /// How many servers to auto-select.
     #[arg(long, default_value_t = 10)]
     max_nodes: usize,
@@ -146,6 +145,14 @@ struct NodesArgs {
     /// Never select this server (name or peer id; repeatable).
     #[arg(long)]
     exclude: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct NodesArgs {
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    #[command(flatten)]
+    selection: SelectionArgs,
     /// Skip the bandwidth probe (use the servers' own figures).
     #[arg(long)]
     no_probe: bool,
@@ -214,15 +221,8 @@ struct GenerateArgs {
     /// Run the first K blocks on this machine too, so no server sees the prompt's embeddings.
     #[arg(long, default_value_t = 0)]
     local_blocks: u32,
-    /// How many servers to auto-select.
-    #[arg(long, default_value_t = 10)]
-    max_nodes: usize,
-    /// Always select this server (name or peer id; repeatable).
-    #[arg(long)]
-    pin: Vec<String>,
-    /// Never use this server (name or peer id; repeatable).
-    #[arg(long)]
-    exclude: Vec<String>,
+    #[command(flatten)]
+    selection: SelectionArgs,
     /// Element type of activations on the wire.
     #[arg(long, value_enum, default_value_t = WireArg::F32)]
     wire: WireArg,

@@ -10,8 +10,8 @@ use sherpa_swarm::dht::SessionOptions;
 use sherpa_swarm::dht::{self, Multiaddr, Node, NodeConfig, RelayMode, SurveyOptions, SwarmKey};
 use sherpa_swarm::model_store::{self, sherpa_home};
 use sherpa_swarm::score::{plan, select, Candidate, Overrides, RouteOptions, SelectionPolicy};
-use sherpa_swarm::shard::{ChatMessage, GenerateOptions, ModelFiles, ShardError, TextTokenizer};
-use sherpa_swarm::{Client, Server, SherpaError, Tracker};
+use sherpa_swarm::shard::{ChatMessage, GenerateOptions, ShardError, TextTokenizer};
+use sherpa_swarm::{Client, LocalSwarm, Server, SherpaError, Tracker};
 
 use crate::selector::NodesView;
 use crate::{GenerateArgs, NodesArgs, RelayArg, ServeArgs};
@@ -209,11 +209,11 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
         node.shutdown().await;
         let (listing, candidates) = (&survey.listing, &survey.candidates);
         let overrides = Overrides {
-            pinned: survey.ids_named(&args.pin)?,
-            excluded: survey.ids_named(&args.exclude)?,
+            pinned: survey.ids_named(&args.selection.pin)?,
+            excluded: survey.ids_named(&args.selection.exclude)?,
         };
         let policy = SelectionPolicy {
-            max_nodes: args.max_nodes,
+            max_nodes: args.selection.max_nodes,
             ..SelectionPolicy::default()
         };
         let blocks = listing.model_blocks();
@@ -266,7 +266,7 @@ pub(crate) fn generate(args: &GenerateArgs, options: GenerateOptions) -> Result<
             .lan(args.lan)
             .swarm_key(swarm_key)
             .local_blocks(args.local_blocks)
-            .max_nodes(args.max_nodes)
+            .max_nodes(args.selection.max_nodes)
             .session(session_options(args))
             .listen(multiaddr(if args.lan {
                 "/ip4/0.0.0.0/tcp/0"
@@ -276,10 +276,10 @@ pub(crate) fn generate(args: &GenerateArgs, options: GenerateOptions) -> Result<
         for addr in bootstrap {
             builder = builder.tracker(addr);
         }
-        for name in &args.pin {
+        for name in &args.selection.pin {
             builder = builder.pin(name);
         }
-        for name in &args.exclude {
+        for name in &args.selection.exclude {
             builder = builder.exclude(name);
         }
         let client = builder.start().await?;
@@ -386,54 +386,37 @@ async fn run_distributed(
 pub(crate) fn demo(servers: u32, prompt: &str, max_new_tokens: usize) -> Result<(), SherpaError> {
     let path =
         model_store::resolve_model(model_store::DEFAULT_MODEL, &mut crate::fetch_progress())?;
-    let blocks = ModelFiles::open(&path)?.config().num_hidden_layers as u32;
-    let spans = BlockRange::split_evenly(blocks, servers)?;
     let model = ModelId::new(model_store::DEFAULT_MODEL)?;
-    let file = path.to_string_lossy().into_owned();
     runtime()?.block_on(async move {
         let started = std::time::Instant::now();
-        let tracker = Tracker::builder().start().await?;
-        eprintln!("tracker: {}", tracker.addr());
-        let mut running = Vec::new();
-        for (i, span) in spans.iter().enumerate() {
-            let server = Server::builder(file.clone(), *span)
-                .model_id(model.clone())
-                .name(format!("server-{i}"))
-                .cache_bytes(256 << 20)
-                .tracker(tracker.addr().clone())
-                .start()
-                .await?;
+        let swarm = LocalSwarm::start(&path.to_string_lossy(), model, servers).await?;
+        eprintln!("tracker: {}", swarm.tracker.addr());
+        for server in &swarm.servers {
+            let info = server.info();
             eprintln!(
-                "server-{i}: blocks {span} ({:.1} MiB of weights, {:.0} blocks x tokens/s) at {}",
+                "{}: blocks {} ({:.1} MiB of weights, {:.0} blocks x tokens/s) at {}",
+                info.public_name,
+                info.blocks,
                 server.shard().weight_bytes() as f64 / 1048576.0,
-                server.info().throughput,
+                info.throughput,
                 server.addr()
             );
-            running.push(server);
         }
-        let client = Client::builder(file.clone())
-            .model_id(model)
-            .tracker(tracker.addr().clone())
-            .start()
-            .await?;
         eprintln!(
-            "model: {} ({blocks} blocks); swarm up in {:.2}s",
+            "model: {} ({} blocks); swarm up in {:.2}s",
             path.display(),
+            swarm.client.head().config().num_hidden_layers,
             started.elapsed().as_secs_f64()
         );
         eprintln!("prompt: {prompt}");
-        let tokenizer = client_tokenizer(&client)?;
+        let tokenizer = client_tokenizer(&swarm.client)?;
         let ids = tokenizer.encode_chat(&[ChatMessage::user(prompt)])?;
         let options = GenerateOptions {
             max_new_tokens,
             ..GenerateOptions::default()
         };
-        let result = run_distributed(&client, &ids, &options, false).await;
-        client.shutdown().await;
-        for server in running {
-            server.abort().await;
-        }
-        tracker.shutdown().await;
+        let result = run_distributed(&swarm.client, &ids, &options, false).await;
+        swarm.shutdown().await;
         result
     })
 }
