@@ -6,6 +6,9 @@
 //!
 //! Private swarms: with a swarm key, only nodes holding the same key pair;
 //! a node without it, or with another key, lists nothing.
+//!
+//! A LAN client (`sherpa generate --lan`) finds two servers splitting the
+//! model and generates what the local model does, token for token.
 
 #![cfg(feature = "cli")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -20,14 +23,25 @@ const SHERPA: &str = env!("CARGO_BIN_EXE_sherpa");
 
 /// Starts a LAN server hosting blocks 0..15 in namespace 0.
 fn serve(ns: &Netns, scratch: &Path, swarm_key: Option<&Path>) -> common::ChildGuard {
+    serve_span(ns, scratch, swarm_key, "0..15", "lan-a")
+}
+
+/// Starts a LAN server hosting `blocks` in namespace 0.
+fn serve_span(
+    ns: &Netns,
+    scratch: &Path,
+    swarm_key: Option<&Path>,
+    blocks: &str,
+    name: &str,
+) -> common::ChildGuard {
     let mut cmd = ns.command(0, SHERPA);
-    cmd.args(["serve", "--lan", "--blocks", "0..15"])
+    cmd.args(["serve", "--lan", "--blocks", blocks])
         .args(["--listen", "/ip4/0.0.0.0/tcp/0"])
-        .args(["--model-id", "smollm2-135m", "--name", "lan-a"])
+        .args(["--model-id", "smollm2-135m", "--name", name])
         .arg("--model")
         .arg(common::smollm2())
         .arg("--data-dir")
-        .arg(scratch.join("a"));
+        .arg(scratch.join(name));
     if let Some(key) = swarm_key {
         cmd.arg("--swarm-key").arg(key);
     }
@@ -96,5 +110,39 @@ fn only_holders_of_the_swarm_key_pair() {
     // mDNS still tells them a node is there, but they cannot connect to it.
     assert!(list(&ns, None).is_empty());
     assert!(list(&ns, Some(&other_key)).is_empty());
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[test]
+fn a_lan_client_generates_through_lan_servers() {
+    let Some(ns) = Netns::create_or_skip(2, &[(0, 1)]) else {
+        return;
+    };
+    let scratch = scratch("lan-generate");
+    let _a = serve_span(&ns, &scratch, None, "0..15", "lan-a");
+    let _b = serve_span(&ns, &scratch, None, "15..30", "lan-b");
+    let generate = |extra: &[&str]| {
+        let mut cmd = ns.command(1, SHERPA);
+        cmd.args(["generate", "--ids", "--max-new-tokens", "16"])
+            .args(["--prompt", "Name three rivers."])
+            .args(["--model-id", "smollm2-135m", "--model"])
+            .arg(common::smollm2())
+            .args(extra);
+        let out = common::run_ok(&mut cmd);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let ids = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("ids: "))
+            .unwrap_or_else(|| panic!("no ids in {stderr}"))
+            .to_owned();
+        (ids, stderr)
+    };
+    let (local, _) = generate(&["--local"]);
+    let (lan, stderr) = generate(&["--lan"]);
+    assert_eq!(lan, local, "{stderr}");
+    assert!(
+        stderr.contains("on lan-a") && stderr.contains("on lan-b"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&scratch);
 }

@@ -268,6 +268,11 @@ pub(crate) fn generate(args: &GenerateArgs, options: GenerateOptions) -> Result<
             .local_blocks(args.local_blocks)
             .max_nodes(args.selection.max_nodes)
             .session(session_options(args))
+            .survey(SurveyOptions {
+                // mDNS answers take a second or two to arrive.
+                settle: Duration::from_secs(if args.lan { 8 } else { 4 }),
+                ..SurveyOptions::default()
+            })
             .listen(multiaddr(if args.lan {
                 "/ip4/0.0.0.0/tcp/0"
             } else {
