@@ -137,8 +137,15 @@ impl FrameHeader {
     }
 }
 
-/// Encodes f32 values of shape `dims` as a frame of `dtype`.
+/// Encodes f32 values of shape `dims` as a frame of `dtype`. An f16 frame
+/// whose values do not all fit f16 (beyond ±65504, or not finite) is sent
+/// as f32 instead, so a large activation never arrives as infinity; the
+/// header says which it is.
 pub fn encode(values: &[f32], dims: &[usize], dtype: WireDType) -> Result<Vec<u8>, CoreError> {
+    let dtype = match dtype {
+        WireDType::F16 if !fits_f16(values) => WireDType::F32,
+        other => other,
+    };
     let header = FrameHeader {
         dtype,
         dims: dims.to_vec(),
@@ -170,6 +177,14 @@ pub fn encode(values: &[f32], dims: &[usize], dtype: WireDType) -> Result<Vec<u8
         }
     }
     Ok(out)
+}
+
+/// Whether every value is finite and within f16's range.
+fn fits_f16(values: &[f32]) -> bool {
+    let max = f16::MAX.to_f32();
+    // A max over the absolute values vectorises; NaN fails the comparison.
+    let largest = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    largest <= max && values.iter().all(|v| !v.is_nan())
 }
 
 /// Decodes a whole frame into its shape and f32 values.
@@ -231,6 +246,21 @@ mod tests {
             Err(CoreError::UnsupportedVersion { .. })
         ));
         assert!(encode(&[1.0], &[2], WireDType::F32).is_err());
+    }
+
+    #[test]
+    fn f16_frames_that_would_overflow_go_as_f32() {
+        for odd in [1.0e6f32, -70000.0, f32::INFINITY, f32::NAN] {
+            let values = [0.5, odd, -2.0];
+            let bytes = encode(&values, &[3], WireDType::F16).unwrap();
+            assert_eq!(bytes[6], 0, "{odd} should send the frame as f32");
+            let (_, got) = decode(&bytes, 3).unwrap();
+            assert_eq!(got[0], 0.5);
+            assert_eq!(got[2], -2.0);
+            assert!(got[1] == odd || (odd.is_nan() && got[1].is_nan()));
+        }
+        let fits = encode(&[65504.0, -1.0], &[2], WireDType::F16).unwrap();
+        assert_eq!(fits[6], 1, "values within range stay f16");
     }
 
     proptest! {
