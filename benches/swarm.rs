@@ -1,6 +1,7 @@
 //! Swarm benchmarks, each beside its baseline in the same run:
 //! - a hop's round trip for an 8 KiB activation over the inference protocol
-//!   (a server that computes nothing) beside a raw TCP ping-pong of the same
+//!   (a server that computes nothing; on its direct connection, and on the
+//!   libp2p stream it falls back to) beside a raw TCP ping-pong of the same
 //!   bytes on loopback (target: at most 2x);
 //! - one decode step through a tracker and three servers in this process
 //!   beside one local decode step (target: at least 0.9x the speed).
@@ -25,7 +26,9 @@ fn runtime() -> tokio::runtime::Runtime {
 fn hop(c: &mut Criterion) {
     let rt = runtime();
     let (server, _serving) = rt.block_on(echo_server()).unwrap();
-    let (_client, mut session) = rt.block_on(echo_session(&server)).unwrap();
+    let (_client, mut session) = rt.block_on(echo_session(&server, true)).unwrap();
+    assert!(session.is_direct(), "the echo session did not go direct");
+    let (_client2, mut stream_session) = rt.block_on(echo_session(&server, false)).unwrap();
     let (mut tcp, _task) = rt.block_on(tcp_echo(ACTIVATION_VALUES * 4)).unwrap();
     let activation = vec![0.5f32; ACTIVATION_VALUES];
     let mut bytes = vec![7u8; ACTIVATION_VALUES * 4];
@@ -33,6 +36,9 @@ fn hop(c: &mut Criterion) {
     group.throughput(Throughput::Bytes((ACTIVATION_VALUES * 4) as u64));
     group.bench_function("inference_protocol", |b| {
         b.iter(|| rt.block_on(session.step(&activation)).unwrap())
+    });
+    group.bench_function("inference_protocol_libp2p_stream", |b| {
+        b.iter(|| rt.block_on(stream_session.step(&activation)).unwrap())
     });
     group.bench_function("raw_tcp", |b| {
         b.iter(|| rt.block_on(tcp_round_trip(&mut tcp, &mut bytes)).unwrap())

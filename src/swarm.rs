@@ -211,6 +211,7 @@ pub struct ServerBuilder {
     record_ttl: Duration,
     idle_timeout: Option<Duration>,
     probe_tracker: bool,
+    direct_port: Option<u16>,
 }
 
 impl ServerBuilder {
@@ -262,6 +263,14 @@ impl ServerBuilder {
         self
     }
 
+    /// The TCP port sessions' direct connections arrive at (0: any free
+    /// port), or `None` to keep every session on its libp2p stream
+    /// [default: any free port].
+    pub fn direct_port(mut self, port: Option<u16>) -> Self {
+        self.direct_port = port;
+        self
+    }
+
     /// Loads the blocks, measures their speed, joins the swarm and
     /// announces them.
     pub async fn start(self) -> Result<Server, SherpaError> {
@@ -293,6 +302,7 @@ impl ServerBuilder {
         if let Some(idle) = self.idle_timeout {
             service = service.with_idle_timeout(idle);
         }
+        let service = Arc::new(service.with_direct(self.direct_port));
         let node = Node::start(
             SwarmSettings {
                 key: Some(key.clone()),
@@ -301,7 +311,7 @@ impl ServerBuilder {
             .config()
             .with_relay(self.relay)
             .with_record_ttl(self.record_ttl)
-            .with_inference(Arc::new(service)),
+            .with_inference(service.clone()),
         )
         .await?;
         let per_token = SessionCache::bytes_needed(shard.config(), blocks, 1, DType::F32).max(1);
@@ -351,6 +361,7 @@ impl ServerBuilder {
             announcer,
             bandwidth,
             record_ttl: self.record_ttl,
+            service,
         })
     }
 }
@@ -378,6 +389,7 @@ pub struct Server {
     announcer: tokio::task::JoinHandle<()>,
     bandwidth: Option<swarm_dht::Bandwidth>,
     record_ttl: Duration,
+    service: Arc<InferenceService>,
 }
 
 impl Server {
@@ -396,6 +408,7 @@ impl Server {
             record_ttl: DEFAULT_RECORD_TTL,
             idle_timeout: None,
             probe_tracker: true,
+            direct_port: Some(0),
         }
     }
 
@@ -422,6 +435,12 @@ impl Server {
     /// The blocks it computes.
     pub fn shard(&self) -> &Arc<BlockShard> {
         &self.shard
+    }
+
+    /// The TCP port its sessions' direct connections arrive at, if it
+    /// offers them.
+    pub fn direct_port(&self) -> Option<u16> {
+        self.service.direct_listen_port()
     }
 
     /// Bandwidth measured against the tracker at start-up.

@@ -138,11 +138,17 @@ fn a_lan_client_generates_through_lan_servers() {
         (ids, stderr)
     };
     let (local, _) = generate(&["--local"]);
-    let (lan, stderr) = generate(&["--lan"]);
+    let (lan, stderr) = generate(&["--lan", "--wire", "f32"]);
     assert_eq!(lan, local, "{stderr}");
     assert!(
         stderr.contains("on lan-a") && stderr.contains("on lan-b"),
         "{stderr}"
     );
+    // Both hops moved to their direct connections across the link.
+    assert_eq!(stderr.matches(", direct)").count(), 2, "{stderr}");
+    // And without them, on the libp2p streams, the same tokens.
+    let (streams, stderr) = generate(&["--lan", "--wire", "f32", "--no-direct"]);
+    assert_eq!(streams, local, "{stderr}");
+    assert_eq!(stderr.matches(", libp2p stream)").count(), 2, "{stderr}");
     let _ = std::fs::remove_dir_all(&scratch);
 }

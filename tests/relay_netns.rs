@@ -96,5 +96,34 @@ fn a_server_unreachable_from_the_client_is_reached_through_the_relay() {
     );
     assert_eq!(server["blocks"], serde_json::json!({"start": 0, "end": 30}));
     assert!(server_addr.ends_with(server["peer_id"].as_str().unwrap()));
+
+    // A generation through the relay: the server's direct port cannot be
+    // reached, so the session stays on its (relayed) libp2p stream, and
+    // the tokens are the local ones.
+    let generate = |extra: &[&str]| {
+        let out = common::run_ok(
+            ns.command(CLIENT, SHERPA)
+                .args(["generate", "--ids", "--max-new-tokens", "8", "--wire", "f32"])
+                .args(["--prompt", "Name three rivers.", "--model-id", "smollm2-135m"])
+                .arg("--model")
+                .arg(common::smollm2())
+                .args(extra),
+        );
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let ids = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("ids: "))
+            .unwrap_or_else(|| panic!("no ids in {stderr}"))
+            .to_owned();
+        (ids, stderr)
+    };
+    let (local, _) = generate(&["--local"]);
+    let tracker = tracker_at(&client_side);
+    let (relayed, stderr) = generate(&["--tracker", &tracker, "--exclude", "no-relay"]);
+    assert_eq!(relayed, local, "{stderr}");
+    assert!(
+        stderr.contains("on behind-nat") && stderr.contains(", libp2p stream)"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&scratch);
 }

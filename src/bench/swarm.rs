@@ -1,7 +1,8 @@
 //! Swarm figures, each next to what it is compared with in the same run:
 //! - a hop's round trip for an 8 KiB activation over the inference
-//!   protocol (Noise + yamux + framing, a server that computes nothing)
-//!   against a raw TCP ping-pong of the same bytes on loopback;
+//!   protocol (a server that computes nothing) on its direct connection
+//!   (Noise-sealed TCP), and on the libp2p stream it falls back to (Noise +
+//!   yamux), against a raw TCP ping-pong of the same bytes on loopback;
 //! - decode speed through a tracker and three servers in this process
 //!   against the same model run locally.
 
@@ -13,7 +14,8 @@ use futures::StreamExt;
 use swarm_core::infer::{Dtype, OpenSession, Request, Response, INFER_VERSION};
 use swarm_core::tensor_frame::WireDType;
 use swarm_core::{BlockRange, ModelId};
-use swarm_dht::session::INFER_STREAM;
+use swarm_dht::direct::DirectHub;
+use swarm_dht::session::{next_request, settle_link, INFER_STREAM};
 use swarm_dht::wire::{frame, read_frame, read_message, write_message};
 use swarm_dht::{Node, NodeConfig, RemoteSession};
 use swarm_shard::{Device, GenerateOptions, LocalModel, ModelFiles, WeightPrecision};
@@ -31,51 +33,69 @@ fn net(e: impl std::fmt::Display) -> SherpaError {
 
 /// A node answering inference sessions by sending every step's input
 /// straight back: a hop whose round trip is the protocol's cost alone.
+/// It offers direct connections as servers do.
 pub async fn echo_server() -> Result<(Node, tokio::task::JoinHandle<()>), SherpaError> {
     let node = Node::start(NodeConfig::new(swarm_dht::identity::ephemeral_node_key())).await?;
     let mut incoming = node.accept(INFER_STREAM)?;
+    let (hub, listener) = DirectHub::listen([127, 0, 0, 1].into(), 0).await?;
     let task = tokio::spawn(async move {
-        while let Some((_, mut stream)) = incoming.next().await {
-            tokio::spawn(async move {
-                let Ok(Some(Request::Open(open))) = read_message::<_, Request>(&mut stream).await
-                else {
-                    return;
-                };
-                let opened = Response::Opened {
-                    hidden: ACTIVATION_VALUES as u32,
-                    cache_tokens_free: u64::from(open.max_length),
-                };
-                if write_message(&mut stream, &opened, None).await.is_err() {
-                    return;
-                }
-                let dtype = WireDType::from(open.dtype);
-                while let Ok(Some(Request::Step { positions, .. })) =
-                    read_message::<_, Request>(&mut stream).await
-                {
-                    let n = positions as usize;
-                    let Ok((dims, values)) = read_frame(&mut stream, n * ACTIVATION_VALUES).await
-                    else {
-                        return;
-                    };
-                    let Ok(f) = frame(&values, &dims, dtype) else {
-                        return;
-                    };
-                    let stepped = Response::Stepped { positions };
-                    if write_message(&mut stream, &stepped, Some(&f))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+        while let Some((_, stream)) = incoming.next().await {
+            tokio::spawn(echo(stream, hub.clone()));
         }
+        listener.abort();
     });
     Ok((node, task))
 }
 
-/// A client session to an [`echo_server`], f32 on the wire.
-pub async fn echo_session(server: &Node) -> Result<(Node, RemoteSession), SherpaError> {
+async fn echo(mut stream: swarm_dht::Stream, hub: DirectHub) {
+    let idle = Duration::from_secs(60);
+    let Ok(Some(Request::Open(open))) = read_message::<_, Request>(&mut stream).await else {
+        return;
+    };
+    let (offer, ticket) = if open.direct { hub.offer() } else { None }.unzip();
+    let opened = Response::Opened {
+        hidden: ACTIVATION_VALUES as u32,
+        cache_tokens_free: u64::from(open.max_length),
+        direct: offer,
+    };
+    if write_message(&mut stream, &opened, None).await.is_err() {
+        return;
+    }
+    let Ok((mut link, mut first)) = settle_link(stream, ticket, idle).await else {
+        return;
+    };
+    let dtype = WireDType::from(open.dtype);
+    loop {
+        let request = match first.take() {
+            Some(request) => request,
+            None => match next_request(&mut link, idle).await {
+                Ok(Some(request)) => request,
+                _ => return,
+            },
+        };
+        let Request::Step { positions, .. } = request else {
+            return;
+        };
+        let n = positions as usize;
+        let Ok((dims, values)) = read_frame(&mut link, n * ACTIVATION_VALUES).await else {
+            return;
+        };
+        let Ok(f) = frame(&values, &dims, dtype) else {
+            return;
+        };
+        let stepped = Response::Stepped { positions };
+        if write_message(&mut link, &stepped, Some(&f)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A client session to an [`echo_server`], f32 on the wire, direct when
+/// `direct`.
+pub async fn echo_session(
+    server: &Node,
+    direct: bool,
+) -> Result<(Node, RemoteSession), SherpaError> {
     let addr = server
         .listen_addrs()
         .await?
@@ -92,6 +112,7 @@ pub async fn echo_session(server: &Node) -> Result<(Node, RemoteSession), Sherpa
         blocks: BlockRange::new(0, 1)?,
         max_length: u32::MAX,
         dtype: Dtype::F32,
+        direct,
     };
     let session = client.open_session(server.peer_id(), open).await?;
     Ok((client, session))
@@ -150,29 +171,41 @@ async fn hop_overhead(
 ) -> Result<(), SherpaError> {
     const ROUNDS: usize = 200;
     let (server, serving) = echo_server().await?;
-    let (client, mut session) = echo_session(&server).await?;
+    let (client, mut direct) = echo_session(&server, true).await?;
+    if !direct.is_direct() {
+        return Err(net(
+            "the echo session did not move to its direct connection",
+        ));
+    }
+    let (client2, mut stream) = echo_session(&server, false).await?;
     let (mut tcp, tcp_task) = tcp_echo(ACTIVATION_VALUES * 4).await?;
     let activation = vec![0.5f32; ACTIVATION_VALUES];
     let mut bytes = vec![7u8; ACTIVATION_VALUES * 4];
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    let (mut ours, mut libp2p, mut raw) = (Vec::new(), Vec::new(), Vec::new());
     // One warm-up round each, then interleaved measurements.
     for round in 0..=settings.repeats.max(1) {
         let started = Instant::now();
         for _ in 0..ROUNDS {
-            session.step(&activation).await?;
+            direct.step(&activation).await?;
         }
-        let o = started.elapsed().as_secs_f64() / ROUNDS as f64;
+        let d = started.elapsed().as_secs_f64() / ROUNDS as f64;
+        let started = Instant::now();
+        for _ in 0..ROUNDS {
+            stream.step(&activation).await?;
+        }
+        let s = started.elapsed().as_secs_f64() / ROUNDS as f64;
         let started = Instant::now();
         for _ in 0..ROUNDS {
             tcp_round_trip(&mut tcp, &mut bytes).await?;
         }
         let r = started.elapsed().as_secs_f64() / ROUNDS as f64;
         if round > 0 {
-            ours.push(o);
+            ours.push(d);
+            libp2p.push(s);
             raw.push(r);
         }
     }
-    let (ours, raw) = (median(ours), median(raw));
+    let (ours, libp2p, raw) = (median(ours), median(libp2p), median(raw));
     report(BenchRecord::plain("raw_tcp_round_trip_8k", raw * 1e6, "us"));
     report(BenchRecord {
         name: "hop_round_trip_8k".into(),
@@ -182,8 +215,16 @@ async fn hop_overhead(
         ratio: Some(raw / ours),
         target: Some(0.5),
     });
-    drop(session);
+    report(BenchRecord {
+        name: "hop_round_trip_8k_libp2p_stream".into(),
+        value: libp2p * 1e6,
+        unit: "us",
+        ratio: Some(raw / libp2p),
+        target: None,
+    });
+    drop((direct, stream));
     client.shutdown().await;
+    client2.shutdown().await;
     server.shutdown().await;
     serving.abort();
     tcp_task.abort();

@@ -17,6 +17,11 @@
 //! Close                               ->   (the server frees the cache)
 //! ```
 //!
+//! When the client asks for it and the server can, `Opened` carries a
+//! [`DirectOffer`]: the client may then move the session to a direct TCP
+//! connection sealed with Noise under the offer's key, and every later
+//! message goes there instead (the same messages, the same framing).
+//!
 //! A step must start where the session's cache ends, so a client that
 //! lost a server replays its stored inputs into a fresh session from 0.
 
@@ -26,7 +31,7 @@ use crate::tensor_frame::WireDType;
 use crate::{BlockRange, ModelId};
 
 /// Version of these messages; [`OpenSession::version`] carries it.
-pub const INFER_VERSION: u16 = 1;
+pub const INFER_VERSION: u16 = 2;
 
 /// The tensor element type, as it travels in control messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
@@ -60,6 +65,30 @@ pub struct OpenSession {
     pub max_length: u32,
     /// Element type of the hidden states both ways.
     pub dtype: Dtype,
+    /// Whether the client would take a direct connection for the session
+    /// ([`DirectOffer`]).
+    pub direct: bool,
+}
+
+/// A server's offer to carry a session on a direct TCP connection sealed
+/// with Noise `NNpsk0` under `psk`, instead of the libp2p stream. It
+/// travels only inside the session's authenticated, encrypted stream.
+#[derive(Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DirectOffer {
+    /// The TCP port, on the address the client reaches the server at.
+    pub port: u16,
+    /// Sent in the clear first, so the server knows which key to expect.
+    pub token: [u8; 16],
+    /// The connection's pre-shared key: known only to the two ends.
+    pub psk: [u8; 32],
+}
+
+impl std::fmt::Debug for DirectOffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectOffer")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Client to server.
@@ -132,6 +161,9 @@ pub enum Response {
         hidden: u32,
         /// KV cache positions the server can still give others.
         cache_tokens_free: u64,
+        /// A direct connection for the session, when the client asked and
+        /// the server has a direct listener.
+        direct: Option<DirectOffer>,
     },
     /// The step ran; the span's output frame follows.
     Stepped {
@@ -189,6 +221,7 @@ mod tests {
                     blocks: BlockRange::new(s, s + l).unwrap(),
                     max_length: max,
                     dtype: if f16 { Dtype::F16 } else { Dtype::F32 },
+                    direct: f16,
                 })
             }),
             (any::<u32>(), any::<u32>())
@@ -200,10 +233,16 @@ mod tests {
 
     fn arb_response() -> impl Strategy<Value = Response> {
         prop_oneof![
-            (any::<u32>(), any::<u64>()).prop_map(|(hidden, cache_tokens_free)| Response::Opened {
-                hidden,
-                cache_tokens_free
-            }),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                any::<Option<(u16, [u8; 16], [u8; 32])>>()
+            )
+                .prop_map(|(hidden, cache_tokens_free, direct)| Response::Opened {
+                    hidden,
+                    cache_tokens_free,
+                    direct: direct.map(|(port, token, psk)| DirectOffer { port, token, psk }),
+                }),
             any::<u32>().prop_map(|positions| Response::Stepped { positions }),
             Just(Response::Truncated),
             (any::<u32>(), any::<u64>())
@@ -254,6 +293,7 @@ mod tests {
             blocks: BlockRange::new(0, 4).unwrap(),
             max_length: 16,
             dtype: Dtype::F16,
+            direct: false,
         });
         let mut bytes = codec::encode(&open).unwrap();
         // Swap the range's ends (start 0, end 4 -> start 4, end 0).

@@ -42,16 +42,21 @@ pub struct SessionOptions {
     pub step_timeout: Duration,
     /// Most server failures the session survives before giving up.
     pub max_failovers: usize,
+    /// Move each hop onto a direct connection when its server offers one
+    /// ([`crate::direct`]); otherwise every hop stays on its libp2p stream.
+    pub direct: bool,
 }
 
 impl Default for SessionOptions {
-    /// 2048 positions, f32, 5 s step timeout, up to 16 failovers.
+    /// 2048 positions, f32, 5 s step timeout, up to 16 failovers, direct
+    /// connections where servers offer them.
     fn default() -> Self {
         Self {
             max_length: 2048,
             dtype: Dtype::F32,
             step_timeout: Duration::from_secs(5),
             max_failovers: 16,
+            direct: true,
         }
     }
 }
@@ -65,11 +70,23 @@ pub struct RouteStep {
     pub peer: PeerId,
     /// The blocks it runs for this session.
     pub blocks: BlockRange,
+    /// Whether the hop runs on a direct connection (else on its libp2p
+    /// stream).
+    pub direct: bool,
 }
 
 impl std::fmt::Display for RouteStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "blocks {} on {} ({})", self.blocks, self.name, self.peer)
+        let path = if self.direct {
+            "direct"
+        } else {
+            "libp2p stream"
+        };
+        write!(
+            f,
+            "blocks {} on {} ({}, {path})",
+            self.blocks, self.name, self.peer
+        )
     }
 }
 
@@ -326,6 +343,7 @@ impl InferenceSession {
                         DhtError::NoRoute(format!("{} is not listed", candidate.name))
                     })?,
                     blocks,
+                    direct: false,
                 };
                 let open = OpenSession {
                     version: INFER_VERSION,
@@ -333,10 +351,14 @@ impl InferenceSession {
                     blocks,
                     max_length: self.options.max_length,
                     dtype: self.options.dtype,
+                    direct: self.options.direct,
                 };
                 match self.node.open_session(step.peer, open).await {
                     Ok(session) => hops.push(LiveHop {
-                        step,
+                        step: RouteStep {
+                            direct: session.is_direct(),
+                            ..step
+                        },
                         server,
                         secs_per_block: candidate.secs_per_block().unwrap_or(0.0),
                         session,

@@ -15,6 +15,7 @@
 pub mod admission;
 pub mod announce;
 pub mod client;
+pub mod direct;
 mod error;
 pub mod identity;
 pub mod keys;
@@ -33,7 +34,7 @@ pub use identity::{load_or_create_node_key, SwarmKey};
 pub use libp2p::{multiaddr, Multiaddr, PeerId, Stream, StreamProtocol};
 pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListing};
 pub use probe::Bandwidth;
-pub use session::{InferenceService, RemoteSession};
+pub use session::{InferenceService, Link, RemoteSession};
 pub use survey::{survey, Survey, SurveyOptions};
 
 /// Protocol id of Sherpa's Kademlia DHT.

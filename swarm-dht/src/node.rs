@@ -4,6 +4,7 @@
 //! wait (rust-libp2p's file-sharing example, with limits).
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::admission;
 use crate::announce::now_ms;
+use crate::direct::DirectHub;
 use crate::error::DhtError;
 use crate::identity::SwarmKey;
 use crate::keys::{block_key, keypair, model_key, peer_id_of, server_record_key};
@@ -170,6 +172,18 @@ fn is_quic(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::QuicV1))
 }
 
+/// The IP address of `addr`, unless it goes through a relay.
+fn direct_ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+        return None;
+    }
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
@@ -235,6 +249,7 @@ enum Command {
     Pings(oneshot::Sender<HashMap<PeerId, Duration>>),
     Connect(PeerId, Vec<Multiaddr>, Reply<Result<(), DhtError>>),
     Stats(Reply<NodeStats>),
+    DirectIp(PeerId, Reply<Option<IpAddr>>),
 }
 
 /// What a node refused to store for others, since it started.
@@ -429,6 +444,27 @@ impl Node {
                 other => early.push(other),
             }
         }
+        // A server's direct listener for its sessions' data, on the address
+        // its first TCP listener was asked for (all interfaces stay all
+        // interfaces).
+        let mut direct_task = None;
+        if let Some((service, port)) = config
+            .inference
+            .as_ref()
+            .and_then(|s| Some((s, s.direct_port()?)))
+        {
+            let ip = config
+                .listen
+                .iter()
+                .find(|a| !is_quic(a))
+                .and_then(direct_ip_of)
+                .or_else(|| config.listen.iter().find_map(direct_ip_of));
+            if let Some(ip) = ip {
+                let (hub, task) = DirectHub::listen(ip, port).await?;
+                service.set_direct(hub);
+                direct_task = Some(task);
+            }
+        }
         for addr in &config.bootstrap {
             let Some(Protocol::P2p(peer)) = addr.iter().last() else {
                 return Err(DhtError::Transport(format!(
@@ -457,7 +493,7 @@ impl Node {
         };
         let (commands, rx) = mpsc::channel(256);
         let (stop, stop_rx) = mpsc::channel(1);
-        let event_loop = EventLoop {
+        let mut event_loop = EventLoop {
             swarm,
             commands: rx,
             stop: stop_rx,
@@ -475,12 +511,14 @@ impl Node {
             providers: HashMap::new(),
             records: HashMap::new(),
             pings: HashMap::new(),
+            direct_ips: HashMap::new(),
+            tasks: direct_task.into_iter().collect(),
         };
+        if let Some((service, incoming)) = sessions {
+            event_loop.tasks.push(tokio::spawn(service.serve(incoming)));
+        }
         tokio::spawn(event_loop.run(early));
         tokio::spawn(probe::serve_probes(probes));
-        if let Some((service, incoming)) = sessions {
-            tokio::spawn(service.serve(incoming));
-        }
         tokio::time::timeout(timeout, joined)
             .await
             .map_err(|_| DhtError::Timeout("joining through the bootstrap peers"))?
@@ -678,7 +716,15 @@ impl Node {
         let mut attempt = 0;
         loop {
             let stream = self.open_stream(peer, session::INFER_STREAM).await?;
-            match RemoteSession::open(stream, open.clone(), self.timeout).await {
+            let ip = if open.direct {
+                self.ask("a peer's address", |reply| Command::DirectIp(peer, reply))
+                    .await?
+            } else {
+                None
+            };
+            let mut open = open.clone();
+            open.direct = ip.is_some();
+            match RemoteSession::open(stream, open, ip, self.timeout).await {
                 Err(DhtError::Transport(why)) if attempt < OPEN_RETRIES => {
                     tracing::debug!(%peer, %why, attempt, "session stream lost before an answer; retrying");
                     let jitter = rand::random_range(0..10);
@@ -831,6 +877,10 @@ struct EventLoop {
     providers: HashMap<QueryId, (HashSet<PeerId>, Reply<HashSet<PeerId>>)>,
     records: HashMap<QueryId, Reply<Option<Vec<u8>>>>,
     pings: HashMap<PeerId, Duration>,
+    /// The address of a direct (not relayed) connection to each peer.
+    direct_ips: HashMap<PeerId, IpAddr>,
+    /// Tasks that live as long as the node (a direct listener).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl EventLoop {
@@ -847,6 +897,9 @@ impl EventLoop {
                 _ = self.stop.recv() => break,
                 event = self.swarm.select_next_some() => self.on_event(event),
             }
+        }
+        for task in &self.tasks {
+            task.abort();
         }
     }
 
@@ -939,6 +992,9 @@ impl EventLoop {
             Command::Stats(reply) => {
                 let _ = reply.send(self.stats);
             }
+            Command::DirectIp(peer, reply) => {
+                let _ = reply.send(self.direct_ips.get(&peer).copied());
+            }
             Command::Connect(peer, addrs, reply) => {
                 if already_connected {
                     let _ = reply.send(Ok(()));
@@ -999,8 +1055,14 @@ impl EventLoop {
                 ..
             } => {
                 self.pings.remove(&peer_id);
+                self.direct_ips.remove(&peer_id);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                if let Some(ip) = direct_ip_of(endpoint.get_remote_address()) {
+                    self.direct_ips.insert(peer_id, ip);
+                }
                 for reply in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = reply.send(Ok(()));
                 }

@@ -7,16 +7,21 @@
 //! when its stream breaks, or after an idle timeout; its cache is freed
 //! with it.
 
-use std::sync::Arc;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{AsyncRead, AsyncWrite, StreamExt};
 use libp2p::StreamProtocol;
 use swarm_core::infer::{Dtype, OpenSession, Refusal, Request, Response, INFER_VERSION};
 use swarm_core::tensor_frame::WireDType;
 use swarm_core::ModelId;
 use swarm_shard::{BlockShard, CacheBudget, DType, Device, SessionCache, Tensor};
 
+use crate::direct::{DirectHub, DirectLink};
 use crate::error::DhtError;
 use crate::wire::{frame, read_frame, read_message, write_message};
 
@@ -33,6 +38,8 @@ pub struct InferenceService {
     shard: Arc<BlockShard>,
     budget: Arc<CacheBudget>,
     idle_timeout: Duration,
+    direct: Option<u16>,
+    hub: OnceLock<DirectHub>,
 }
 
 impl std::fmt::Debug for InferenceService {
@@ -54,7 +61,31 @@ impl InferenceService {
             shard,
             budget,
             idle_timeout: Duration::from_secs(60),
+            direct: Some(0),
+            hub: OnceLock::new(),
         }
+    }
+
+    /// Offers clients direct connections for their sessions on this TCP
+    /// port (0: any free port, the default), or not at all (`None`); see
+    /// [`crate::direct`].
+    pub fn with_direct(mut self, port: Option<u16>) -> Self {
+        self.direct = port;
+        self
+    }
+
+    pub(crate) fn direct_port(&self) -> Option<u16> {
+        self.direct
+    }
+
+    /// The port direct connections arrive at, once the node listens.
+    pub fn direct_listen_port(&self) -> Option<u16> {
+        self.hub.get().map(DirectHub::port)
+    }
+
+    /// Sets the listener direct connections arrive at (once).
+    pub(crate) fn set_direct(&self, hub: DirectHub) {
+        let _ = self.hub.set(hub);
     }
 
     /// Closes sessions whose client sends nothing for `timeout`.
@@ -68,15 +99,24 @@ impl InferenceService {
         self.budget.available()
     }
 
-    /// Serves sessions arriving on `incoming` until the node stops.
+    /// Serves sessions arriving on `incoming` until the node stops; when
+    /// this future is dropped (the node's event loop aborts it), every
+    /// session it runs ends with it, direct connections included.
     pub(crate) async fn serve(self: Arc<Self>, mut incoming: libp2p_stream::IncomingStreams) {
-        while let Some((peer, stream)) = incoming.next().await {
-            let service = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = service.session(stream).await {
-                    tracing::debug!(%peer, error = %e, "inference session ended with an error");
+        let mut sessions = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                arrived = incoming.next() => {
+                    let Some((peer, stream)) = arrived else { break };
+                    let service = self.clone();
+                    sessions.spawn(async move {
+                        if let Err(e) = service.session(stream).await {
+                            tracing::debug!(%peer, error = %e, "inference session ended with an error");
+                        }
+                    });
                 }
-            });
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            }
         }
     }
 
@@ -134,22 +174,32 @@ impl InferenceService {
                 return write_message(&mut stream, &Response::Refused(refusal), None).await;
             }
         };
+        let offer = match self.hub.get() {
+            Some(hub) if open.direct => hub.offer(),
+            _ => None,
+        };
+        let (offer, ticket) = offer.unzip();
         let opened = Response::Opened {
             hidden: hidden as u32,
             cache_tokens_free: self.budget.available() / per_token,
+            direct: offer,
         };
         write_message(&mut stream, &opened, None).await?;
+        let (mut link, mut first) = settle_link(stream, ticket, idle).await?;
         let dtype = WireDType::from(open.dtype);
         loop {
-            match next_request(&mut stream, idle).await? {
+            let request = match first.take() {
+                Some(request) => Some(request),
+                None => next_request(&mut link, idle).await?,
+            };
+            match request {
                 None | Some(Request::Close) => return Ok(()),
                 Some(Request::Open(_)) => {
-                    write_message(&mut stream, &Response::Refused(Refusal::Unexpected), None)
-                        .await?;
+                    write_message(&mut link, &Response::Refused(Refusal::Unexpected), None).await?;
                 }
                 Some(Request::Truncate { keep }) => {
                     cache.truncate(keep as usize);
-                    write_message(&mut stream, &Response::Truncated, None).await?;
+                    write_message(&mut link, &Response::Truncated, None).await?;
                 }
                 Some(Request::Step { start, positions }) => {
                     let n = positions as usize;
@@ -157,7 +207,7 @@ impl InferenceService {
                     // stays in step; its size is capped by what was
                     // announced.
                     let announced = n.min(MAX_STEP_POSITIONS) * hidden;
-                    let (dims, values) = read_frame(&mut stream, announced).await?;
+                    let (dims, values) = read_frame(&mut link, announced).await?;
                     let continues = start as usize == cache.len()
                         && n > 0
                         && n <= MAX_STEP_POSITIONS
@@ -168,35 +218,19 @@ impl InferenceService {
                             expected_start: cache.len() as u32,
                             max_length: open.max_length,
                         };
-                        write_message(&mut stream, &Response::Refused(refusal), None).await?;
+                        write_message(&mut link, &Response::Refused(refusal), None).await?;
                         continue;
                     }
-                    let shard = self.shard.clone();
-                    let computed = tokio::task::spawn_blocking(move || {
-                        let out = Tensor::from_vec(values, (1, n, hidden), &Device::Cpu)
-                            .and_then(|t| t.to_device(shard.device()))
-                            .map_err(|e| e.to_string())
-                            .and_then(|t| shard.forward(&t, &mut cache).map_err(|e| e.to_string()))
-                            .and_then(|t| {
-                                t.flatten_all()
-                                    .and_then(|t| t.to_dtype(DType::F32))
-                                    .and_then(|t| t.to_vec1::<f32>())
-                                    .map_err(|e| e.to_string())
-                            });
-                        (out, cache)
-                    })
-                    .await
-                    .map_err(|e| DhtError::Transport(format!("session task: {e}")))?;
-                    let (out, back) = computed;
+                    let (out, back) = compute(&self.shard, values, n, hidden, cache).await?;
                     cache = back;
                     match out {
                         Ok(out) => {
                             let f = frame(&out, &[1, n, hidden], dtype)?;
-                            write_message(&mut stream, &Response::Stepped { positions }, Some(&f))
+                            write_message(&mut link, &Response::Stepped { positions }, Some(&f))
                                 .await?;
                         }
                         Err(message) => {
-                            write_message(&mut stream, &Response::Failed { message }, None).await?;
+                            write_message(&mut link, &Response::Failed { message }, None).await?;
                             return Ok(());
                         }
                     }
@@ -206,9 +240,139 @@ impl InferenceService {
     }
 }
 
+/// Runs the span on `n` positions of `values`: the session's output (or
+/// why the computation failed) and its cache. On a multi-threaded runtime it runs on this
+/// worker thread (tokio moves the worker's other tasks elsewhere): a step
+/// is a few milliseconds of work whose input just arrived here, and
+/// handing it to a blocking-pool thread and back costs two thread wake-ups
+/// per hop per token.
+async fn compute(
+    shard: &Arc<BlockShard>,
+    values: Vec<f32>,
+    n: usize,
+    hidden: usize,
+    mut cache: SessionCache,
+) -> Result<(Result<Vec<f32>, String>, SessionCache), DhtError> {
+    fn run(
+        shard: &BlockShard,
+        values: Vec<f32>,
+        n: usize,
+        hidden: usize,
+        cache: &mut SessionCache,
+    ) -> Result<Vec<f32>, String> {
+        let input = Tensor::from_vec(values, (1, n, hidden), &Device::Cpu)
+            .and_then(|t| t.to_device(shard.device()))
+            .map_err(|e| e.to_string())?;
+        let output = shard.forward(&input, cache).map_err(|e| e.to_string())?;
+        output
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| e.to_string())
+    }
+    let multi_threaded = matches!(
+        tokio::runtime::Handle::current().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::MultiThread
+    );
+    if multi_threaded {
+        let out = tokio::task::block_in_place(|| run(shard, values, n, hidden, &mut cache));
+        return Ok((out, cache));
+    }
+    // A current-thread runtime cannot give its only thread away.
+    let shard = shard.clone();
+    tokio::task::spawn_blocking(move || {
+        let out = run(&shard, values, n, hidden, &mut cache);
+        (out, cache)
+    })
+    .await
+    .map_err(|e| DhtError::Transport(format!("session task: {e}")))
+}
+
+/// Where a session goes on after the server's `Opened`: onto the direct
+/// connection if the client makes it, or on its stream if the client's
+/// next message comes there instead (returned with it).
+pub async fn settle_link(
+    mut stream: libp2p::Stream,
+    ticket: Option<crate::direct::OfferTicket>,
+    idle: Duration,
+) -> Result<(Link, Option<Request>), DhtError> {
+    let Some(mut ticket) = ticket else {
+        return Ok((Link::Stream(stream), None));
+    };
+    let arrived = tokio::select! {
+        direct = ticket.arrival() => Ok(direct),
+        request = next_request(&mut stream, idle) => Err(request),
+    };
+    match arrived {
+        Ok(Some(direct)) => Ok((Link::Direct(Box::new(direct)), None)),
+        Ok(None) => {
+            let request = next_request(&mut stream, idle).await?;
+            Ok((Link::Stream(stream), request))
+        }
+        Err(request) => Ok((Link::Stream(stream), request?)),
+    }
+}
+
+/// How a session's messages travel: on its libp2p stream, or on a direct
+/// connection ([`crate::direct`]).
+#[derive(Debug)]
+pub enum Link {
+    /// The libp2p stream the session was opened on.
+    Stream(libp2p::Stream),
+    /// A direct, Noise-sealed TCP connection.
+    Direct(Box<DirectLink>),
+}
+
+impl Link {
+    /// Whether the session runs on a direct connection.
+    pub fn is_direct(&self) -> bool {
+        matches!(self, Link::Direct(_))
+    }
+}
+
+impl AsyncRead for Link {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Link::Stream(s) => Pin::new(s).poll_read(cx, buf),
+            Link::Direct(d) => Pin::new(d.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Link {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Link::Stream(s) => Pin::new(s).poll_write(cx, buf),
+            Link::Direct(d) => Pin::new(d.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Link::Stream(s) => Pin::new(s).poll_flush(cx),
+            Link::Direct(d) => Pin::new(d.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Link::Stream(s) => Pin::new(s).poll_close(cx),
+            Link::Direct(d) => Pin::new(d.as_mut()).poll_close(cx),
+        }
+    }
+}
+
 /// The client's next message, or a timeout when it goes quiet.
-async fn next_request(
-    stream: &mut libp2p::Stream,
+pub async fn next_request<S: AsyncRead + Unpin>(
+    stream: &mut S,
     idle: Duration,
 ) -> Result<Option<Request>, DhtError> {
     tokio::time::timeout(idle, read_message::<_, Request>(stream))
@@ -230,7 +394,7 @@ pub(crate) fn whole_positions(values: usize, hidden: usize) -> Result<usize, Dht
 
 /// The client's end of one hop's session.
 pub struct RemoteSession {
-    stream: libp2p::Stream,
+    stream: Link,
     hidden: usize,
     dtype: Dtype,
     timeout: Duration,
@@ -241,6 +405,7 @@ pub struct RemoteSession {
 impl std::fmt::Debug for RemoteSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteSession")
+            .field("direct", &self.stream.is_direct())
             .field("hidden", &self.hidden)
             .field("len", &self.len)
             .finish_non_exhaustive()
@@ -259,9 +424,12 @@ fn refused(response: Response) -> DhtError {
 }
 
 impl RemoteSession {
-    pub(crate) async fn open(
+    /// Opens a session on `stream`; when the server offers a direct
+    /// connection and `ip` (the server's address) is known, moves it there.
+    pub async fn open(
         mut stream: libp2p::Stream,
         open: OpenSession,
+        ip: Option<IpAddr>,
         timeout: Duration,
     ) -> Result<Self, DhtError> {
         let dtype = open.dtype;
@@ -273,16 +441,33 @@ impl RemoteSession {
             .await
             .map_err(|_| DhtError::Timeout("the server to open a session"))??;
         match answer {
-            Some(Response::Opened { hidden, .. }) => Ok(Self {
-                stream,
-                hidden: hidden as usize,
-                dtype,
-                timeout,
-                len: 0,
-            }),
+            Some(Response::Opened { hidden, direct, .. }) => {
+                let link = match (direct, ip) {
+                    (Some(offer), Some(ip)) => match DirectLink::connect(ip, &offer).await {
+                        Ok(direct) => Link::Direct(Box::new(direct)),
+                        Err(e) => {
+                            tracing::debug!(%ip, error = %e, "no direct connection; the session stays on its stream");
+                            Link::Stream(stream)
+                        }
+                    },
+                    _ => Link::Stream(stream),
+                };
+                Ok(Self {
+                    stream: link,
+                    hidden: hidden as usize,
+                    dtype,
+                    timeout,
+                    len: 0,
+                })
+            }
             Some(other) => Err(refused(other)),
             None => Err(DhtError::Transport("the server closed the session".into())),
         }
+    }
+
+    /// Whether the session runs on a direct connection.
+    pub fn is_direct(&self) -> bool {
+        self.stream.is_direct()
     }
 
     /// Positions the server's cache holds.

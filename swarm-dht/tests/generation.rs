@@ -213,6 +213,7 @@ async fn misbehave(mut stream: swarm_dht::Stream, hidden: usize, bad: Bad) {
     let opened = Response::Opened {
         hidden: hidden as u32,
         cache_tokens_free: 1 << 20,
+        direct: None,
     };
     write_message(&mut stream, &opened, None).await.unwrap();
     while let Ok(Some(Request::Step { positions, .. })) = read_message(&mut stream).await {

@@ -88,6 +88,7 @@ fn open(blocks: (u32, u32), dtype: Dtype) -> OpenSession {
         blocks: BlockRange::new(blocks.0, blocks.1).unwrap(),
         max_length: 16,
         dtype,
+        direct: true,
     }
 }
 
@@ -117,17 +118,32 @@ async fn two_hops_equal_the_local_span() {
     let head = ClientHead::load(&s.files, &Device::Cpu, WeightPrecision::Native).unwrap();
     let budget = CacheBudget::unlimited();
     let mut local = s.shard.new_session(16, &budget).unwrap();
-    for dtype in [Dtype::F32, Dtype::F16] {
+    // Each element type, on a direct connection and on the libp2p stream.
+    for (dtype, direct) in [(Dtype::F32, true), (Dtype::F16, true), (Dtype::F32, false)] {
         let mut first = s
             .client
-            .open_session(s.server.peer_id(), open((0, 2), dtype))
+            .open_session(
+                s.server.peer_id(),
+                OpenSession {
+                    direct,
+                    ..open((0, 2), dtype)
+                },
+            )
             .await
             .unwrap();
         let mut second = s
             .client
-            .open_session(s.server.peer_id(), open((2, 4), dtype))
+            .open_session(
+                s.server.peer_id(),
+                OpenSession {
+                    direct,
+                    ..open((2, 4), dtype)
+                },
+            )
             .await
             .unwrap();
+        assert_eq!(first.is_direct(), direct);
+        assert_eq!(second.is_direct(), direct);
         let mut local_dtype = s.shard.new_session(16, &budget).unwrap();
         std::mem::swap(&mut local, &mut local_dtype);
         // A prefill of 5 positions, then 3 single steps.
@@ -146,7 +162,10 @@ async fn two_hops_equal_the_local_span() {
             let got = second.step(&mid).await.unwrap();
             let tolerance = if dtype == Dtype::F32 { 1e-5 } else { 5e-2 };
             let diff = max_diff(&got, &want);
-            assert!(diff < tolerance, "{dtype:?}: differs by {diff}");
+            assert!(
+                diff < tolerance,
+                "{dtype:?} (direct {direct}): differs by {diff}"
+            );
         }
         assert_eq!(first.len(), 8);
         first.close().await.unwrap();

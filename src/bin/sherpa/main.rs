@@ -114,6 +114,13 @@ struct ServeArgs {
     /// Memory for session KV caches, MiB.
     #[arg(long, default_value_t = 512)]
     cache_mib: u64,
+    /// TCP port for sessions' direct connections (0: any free port), on the
+    /// first TCP listen address's interface.
+    #[arg(long, default_value_t = 0)]
+    direct_port: u16,
+    /// Keep every session on its libp2p stream (no direct connections).
+    #[arg(long, conflicts_with = "direct_port")]
+    no_direct: bool,
     /// Where the server keeps its identity key (default: $SHERPA_HOME/server).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -233,6 +240,10 @@ struct GenerateArgs {
     /// and is replaced.
     #[arg(long, default_value_t = 5.0)]
     step_timeout: f64,
+    /// Keep every hop on its libp2p stream, even where a server offers a
+    /// direct connection.
+    #[arg(long)]
+    no_direct: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]

@@ -143,7 +143,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
             .lan(args.swarm.lan)
             .swarm_key(swarm_key)
             .relay(relay)
-            .cache_bytes(args.cache_mib.saturating_mul(1 << 20));
+            .cache_bytes(args.cache_mib.saturating_mul(1 << 20))
+            .direct_port((!args.no_direct).then_some(args.direct_port));
         for addr in listen {
             builder = builder.listen(addr);
         }
@@ -161,6 +162,9 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
             server.shard().weight_bytes() as f64 / 1048576.0,
             server.info().throughput
         );
+        if let Some(port) = server.direct_port() {
+            eprintln!("direct session connections on TCP port {port}");
+        }
         if let Some(b) = server.bandwidth() {
             eprintln!(
                 "bandwidth to the tracker: {:.0} Mbit/s up, {:.0} Mbit/s down",
@@ -302,6 +306,7 @@ fn session_options(args: &GenerateArgs) -> SessionOptions {
             crate::WireArg::F16 => Dtype::F16,
         },
         step_timeout: Duration::from_secs_f64(args.step_timeout.max(0.01)),
+        direct: !args.no_direct,
         ..SessionOptions::default()
     }
 }
