@@ -254,12 +254,14 @@ fn three_servers_then_failover_under_kill_and_stop() {
     swarm.wait_listed(3);
 
     // Three separate servers of 10 blocks each: the local output, token
-    // for token.
-    let got = run(&mut swarm.generate(), 0, |_| {});
+    // for token, with exact f32 activations and with the default f16.
+    let got = run(swarm.generate().args(["--wire", "f32"]), 0, |_| {});
     assert_eq!(got.route, ["a0", "b0", "c0"], "{}", got.stderr);
-    assert_eq!(got.ids, want.ids, "{}", got.stderr);
+    assert_eq!(got.ids, want.ids, "f32: {}", got.stderr);
     assert_eq!(got.text, want.text);
     assert!(got.failover_ms.is_empty(), "{}", got.stderr);
+    let got = run(&mut swarm.generate(), 0, |_| {});
+    assert_eq!(got.ids, want.ids, "f16: {}", got.stderr);
 
     // A second replica of every span.
     for (name, blocks) in [("a1", "0..10"), ("b1", "10..20"), ("c1", "20..30")] {

@@ -48,12 +48,13 @@ pub struct SessionOptions {
 }
 
 impl Default for SessionOptions {
-    /// 2048 positions, f32, 5 s step timeout, up to 16 failovers, direct
+    /// 2048 positions, f16 activations (a frame with values beyond f16's
+    /// range goes as f32), 5 s step timeout, up to 16 failovers, direct
     /// connections where servers offer them.
     fn default() -> Self {
         Self {
             max_length: 2048,
-            dtype: Dtype::F32,
+            dtype: Dtype::F16,
             step_timeout: Duration::from_secs(5),
             max_failovers: 16,
             direct: true,

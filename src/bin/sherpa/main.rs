@@ -230,8 +230,9 @@ struct GenerateArgs {
     local_blocks: u32,
     #[command(flatten)]
     selection: SelectionArgs,
-    /// Element type of activations on the wire.
-    #[arg(long, value_enum, default_value_t = WireArg::F32)]
+    /// Element type of activations on the wire: f16 halves the bytes (a step
+    /// with values beyond f16's range goes as f32); f32 is exact.
+    #[arg(long, value_enum, default_value_t = WireArg::F16)]
     wire: WireArg,
     /// Also print the generated token ids on stderr ("ids: 1 2 3").
     #[arg(long)]
