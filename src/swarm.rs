@@ -157,9 +157,22 @@ impl TrackerBuilder {
                 .with_record_ttl(self.record_ttl.unwrap_or(DEFAULT_RECORD_TTL)),
         )
         .await?;
-        let addrs = node.listen_addrs().await?;
+        let addrs = listening(&node).await?;
         Ok(Tracker { node, addrs })
     }
+}
+
+/// The addresses a tracker or server listens on; an error (and the node
+/// stopped) when it has none, since nobody could reach it.
+async fn listening(node: &Node) -> Result<Vec<Multiaddr>, SherpaError> {
+    let addrs = node.listen_addrs().await?;
+    if addrs.is_empty() {
+        node.shutdown().await;
+        return Err(SherpaError::Network(
+            "the node listens on no address; give it one to listen on".into(),
+        ));
+    }
+    Ok(addrs)
 }
 
 /// A tracker: the bootstrap node servers and clients meet through, a
@@ -344,6 +357,7 @@ impl ServerBuilder {
                 }
             }
         }
+        let addrs = listening(&node).await?;
         let announcer = swarm_dht::announce_periodically(
             node.clone(),
             key.clone(),
@@ -351,7 +365,6 @@ impl ServerBuilder {
             self.refresh,
             self.record_ttl,
         );
-        let addrs = node.listen_addrs().await?;
         Ok(Server {
             node,
             key,

@@ -128,14 +128,7 @@ fn a_lan_client_generates_through_lan_servers() {
             .args(["--model-id", "smollm2-135m", "--model"])
             .arg(common::smollm2())
             .args(extra);
-        let out = common::run_ok(&mut cmd);
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        let ids = stderr
-            .lines()
-            .find_map(|l| l.strip_prefix("ids: "))
-            .unwrap_or_else(|| panic!("no ids in {stderr}"))
-            .to_owned();
-        (ids, stderr)
+        common::generated_ids(&mut cmd)
     };
     let (local, _) = generate(&["--local"]);
     let (lan, stderr) = generate(&["--lan", "--wire", "f32"]);

@@ -101,21 +101,26 @@ fn a_server_unreachable_from_the_client_is_reached_through_the_relay() {
     // reached, so the session stays on its (relayed) libp2p stream, and
     // the tokens are the local ones.
     let generate = |extra: &[&str]| {
-        let out = common::run_ok(
+        common::generated_ids(
             ns.command(CLIENT, SHERPA)
-                .args(["generate", "--ids", "--max-new-tokens", "8", "--wire", "f32"])
-                .args(["--prompt", "Name three rivers.", "--model-id", "smollm2-135m"])
+                .args([
+                    "generate",
+                    "--ids",
+                    "--max-new-tokens",
+                    "8",
+                    "--wire",
+                    "f32",
+                ])
+                .args([
+                    "--prompt",
+                    "Name three rivers.",
+                    "--model-id",
+                    "smollm2-135m",
+                ])
                 .arg("--model")
                 .arg(common::smollm2())
                 .args(extra),
-        );
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        let ids = stderr
-            .lines()
-            .find_map(|l| l.strip_prefix("ids: "))
-            .unwrap_or_else(|| panic!("no ids in {stderr}"))
-            .to_owned();
-        (ids, stderr)
+        )
     };
     let (local, _) = generate(&["--local"]);
     let tracker = tracker_at(&client_side);

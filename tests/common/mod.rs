@@ -63,6 +63,18 @@ pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     out
 }
 
+/// Runs a `sherpa generate --ids` to completion, requiring success, and
+/// returns the ids it printed and its whole stderr.
+pub fn generated_ids(cmd: &mut std::process::Command) -> (String, String) {
+    let stderr = String::from_utf8(run_ok(cmd).stderr).unwrap();
+    let ids = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("ids: "))
+        .unwrap_or_else(|| panic!("no ids in {stderr}"))
+        .to_owned();
+    (ids, stderr)
+}
+
 /// Runs a command to completion, requiring success (stderr shown if not),
 /// and returns its stdout.
 pub fn output_ok(cmd: &mut std::process::Command) -> Vec<u8> {
