@@ -309,6 +309,15 @@ pub async fn settle_link(
             let request = next_request(&mut stream, idle).await?;
             Ok((Link::Stream(stream), request))
         }
+        // A client that moved to the direct connection drops its stream,
+        // and the stream's end can overtake the connection's hand-over
+        // here: wait for the connection before calling the session over.
+        Err(Ok(None)) => {
+            match tokio::time::timeout(crate::direct::HANDSHAKE_TIMEOUT, ticket.arrival()).await {
+                Ok(Some(direct)) => Ok((Link::Direct(Box::new(direct)), None)),
+                _ => Ok((Link::Stream(stream), None)),
+            }
+        }
         Err(request) => Ok((Link::Stream(stream), request?)),
     }
 }

@@ -266,3 +266,53 @@ async fn idle_sessions_time_out_and_garbage_ends_only_its_stream() {
     let out = session.step(&vec![0.1; 64]).await.unwrap();
     assert_eq!(out.len(), 64);
 }
+
+/// A client moving to the direct connection drops its libp2p stream; the
+/// stream's end may reach the server before the connection does, and the
+/// session must wait for it rather than end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ending_before_the_direct_connection_arrives_keeps_the_session() {
+    use futures::AsyncWriteExt;
+    use swarm_core::infer::{Request, Response};
+    use swarm_core::tensor_frame::WireDType;
+    use swarm_dht::direct::DirectLink;
+    use swarm_dht::wire::{frame, read_frame, read_message, write_message};
+
+    let s = setup("stream-ends-first", 2, Duration::from_secs(60)).await;
+    let peer = s.server.peer_id();
+    let at = s.server.listen_addrs().await.unwrap()[0].clone();
+    let (mut control, driver) = common::raw_peer(at);
+    let mut stream = control
+        .open_stream(peer, swarm_dht::session::INFER_STREAM)
+        .await
+        .unwrap();
+    let request = Request::Open(open((0, 2), Dtype::F32));
+    write_message(&mut stream, &request, None).await.unwrap();
+    let answer = read_message::<_, Response>(&mut stream).await.unwrap();
+    let Some(Response::Opened {
+        hidden,
+        direct: Some(offer),
+        ..
+    }) = answer
+    else {
+        panic!("no direct offer: {answer:?}");
+    };
+    stream.close().await.unwrap();
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut link = DirectLink::connect([127, 0, 0, 1].into(), &offer)
+        .await
+        .unwrap();
+    let hidden = hidden as usize;
+    let f = frame(&vec![0.1; hidden], &[1, 1, hidden], WireDType::F32).unwrap();
+    let step = Request::Step {
+        start: 0,
+        positions: 1,
+    };
+    write_message(&mut link, &step, Some(&f)).await.unwrap();
+    let answer = read_message::<_, Response>(&mut link).await.unwrap();
+    assert_eq!(answer, Some(Response::Stepped { positions: 1 }));
+    let (dims, _) = read_frame(&mut link, hidden).await.unwrap();
+    assert_eq!(dims, [1, 1, hidden]);
+    driver.abort();
+}
