@@ -95,6 +95,19 @@ impl Swarm {
     /// An honest server of `blocks` with room for `sessions` sessions of
     /// 64 positions.
     async fn server(&mut self, i: u8, name: &str, blocks: BlockRange, sessions: u64) -> Node {
+        self.server_announcing(i, name, blocks, sessions, 1000.0)
+            .await
+    }
+
+    /// An honest server that announces `throughput` blocks·tokens/s.
+    async fn server_announcing(
+        &mut self,
+        i: u8,
+        name: &str,
+        blocks: BlockRange,
+        sessions: u64,
+        throughput: f32,
+    ) -> Node {
         let shard = Arc::new(
             BlockShard::load(&self.files, blocks, &Device::Cpu, WeightPrecision::Native).unwrap(),
         );
@@ -110,16 +123,23 @@ impl Swarm {
         )
         .await
         .unwrap();
-        let info = self.info(&k, name, blocks, 1000.0);
+        let info = self.info(&k, name, blocks, throughput);
         self.tasks
             .push(announce_periodically(node.clone(), k, info, REFRESH, TTL));
         self.servers.push((name.to_owned(), node.clone(), budget));
         node
     }
 
-    /// A server announcing `blocks` at a speed that puts it first in every
-    /// route, that answers sessions the way `bad` says.
-    async fn hostile(&mut self, i: u8, name: &str, blocks: BlockRange, bad: Bad) -> Node {
+    /// A server announcing `blocks` at `throughput`, that answers sessions
+    /// the way `bad` says.
+    async fn hostile(
+        &mut self,
+        i: u8,
+        name: &str,
+        blocks: BlockRange,
+        throughput: f32,
+        bad: Bad,
+    ) -> Node {
         let k = key(i);
         let node = Node::start(
             NodeConfig::new(k.clone())
@@ -135,7 +155,7 @@ impl Swarm {
                 tokio::spawn(misbehave(stream, hidden, bad));
             }
         }));
-        let info = self.info(&k, name, blocks, 1e9);
+        let info = self.info(&k, name, blocks, throughput);
         self.tasks
             .push(announce_periodically(node.clone(), k, info, REFRESH, TTL));
         node
@@ -417,11 +437,25 @@ async fn a_server_lost_mid_generation_is_replaced_and_nothing_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_stalled_servers_are_replaced() {
     let mut swarm = Swarm::new("hostile").await;
-    swarm.server(1, "honest-a", range(0, 3), 4).await;
-    swarm.server(2, "honest-b", range(3, 6), 4).await;
-    swarm.hostile(3, "garbage", range(0, 3), Bad::Garbage).await;
-    swarm.hostile(4, "nan", range(3, 6), Bad::NotANumber).await;
-    swarm.hostile(5, "stall", range(0, 6), Bad::Stall).await;
+    // Announced speeds far apart, so the order in which routes try the
+    // servers does not hang on ping noise: the stalling server claims
+    // everything at the highest speed (one hop of ~0 s), the garbage pair
+    // next (2 × 30 ms), the honest pair last (2 × 3 s).
+    swarm
+        .server_announcing(1, "honest-a", range(0, 3), 4, 1.0)
+        .await;
+    swarm
+        .server_announcing(2, "honest-b", range(3, 6), 4, 1.0)
+        .await;
+    swarm
+        .hostile(3, "garbage", range(0, 3), 100.0, Bad::Garbage)
+        .await;
+    swarm
+        .hostile(4, "nan", range(3, 6), 100.0, Bad::NotANumber)
+        .await;
+    swarm
+        .hostile(5, "stall", range(0, 6), 1e9, Bad::Stall)
+        .await;
     let client = swarm.client(100).await;
     let head = ClientHead::load(&swarm.files, &Device::Cpu, WeightPrecision::Native).unwrap();
     let want = local_tokens(&swarm.files, 16);
@@ -432,7 +466,6 @@ async fn garbage_and_stalled_servers_are_replaced() {
         ..short()
     };
     let mut session = swarm.session(&client, 5, range(0, 6), opts).await;
-    // The stalling server claims everything at the highest speed.
     assert_eq!(session.route()[0].name, "stall");
     let got = swarm_dht::generate(
         &head,
