@@ -101,9 +101,11 @@ impl FrameHeader {
                 elements = elements
                     .checked_mul(d)
                     .filter(|e| *e <= max_elements)
-                    .ok_or(CoreError::BadTensorFrame(format!(
-                        "more than the {max_elements} elements allowed"
-                    )))?;
+                    .ok_or_else(|| {
+                        CoreError::BadTensorFrame(format!(
+                            "more than the {max_elements} elements allowed"
+                        ))
+                    })?;
                 dims.push(d);
             } else if d != 1 {
                 return bad(format!("unused dimension {i} is {d}, not 1"));
@@ -142,6 +144,19 @@ impl FrameHeader {
 /// as f32 instead, so a large activation never arrives as infinity; the
 /// header says which it is.
 pub fn encode(values: &[f32], dims: &[usize], dtype: WireDType) -> Result<Vec<u8>, CoreError> {
+    let mut out = Vec::new();
+    encode_into(values, dims, dtype, &mut out)?;
+    Ok(out)
+}
+
+/// [`encode`], appending the frame to `out` (e.g. right after a message
+/// header, so the whole message is built in one buffer).
+pub fn encode_into(
+    values: &[f32],
+    dims: &[usize],
+    dtype: WireDType,
+    out: &mut Vec<u8>,
+) -> Result<(), CoreError> {
     let dtype = match dtype {
         WireDType::F16 if !fits_f16(values) => WireDType::F32,
         other => other,
@@ -157,8 +172,12 @@ pub fn encode(values: &[f32], dims: &[usize], dtype: WireDType) -> Result<Vec<u8
             values.len()
         )));
     }
-    let mut out = Vec::with_capacity(HEADER_LEN + header.payload_len());
-    header.write(&mut out)?;
+    out.reserve(HEADER_LEN + header.payload_len());
+    let before = out.len();
+    if let Err(e) = header.write(out) {
+        out.truncate(before);
+        return Err(e);
+    }
     let start = out.len();
     out.resize(start + header.payload_len(), 0);
     // Fixed-size chunks: the compiler turns these loops into bulk copies
@@ -176,7 +195,7 @@ pub fn encode(values: &[f32], dims: &[usize], dtype: WireDType) -> Result<Vec<u8
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Whether every value is finite and within f16's range.
@@ -261,6 +280,23 @@ mod tests {
         }
         let fits = encode(&[65504.0, -1.0], &[2], WireDType::F16).unwrap();
         assert_eq!(fits[6], 1, "values within range stay f16");
+    }
+
+    #[test]
+    fn encode_into_appends_and_leaves_nothing_behind_on_error() {
+        let mut out = b"head".to_vec();
+        encode_into(&[1.0, 2.0], &[1, 2], WireDType::F32, &mut out).unwrap();
+        assert_eq!(&out[..4], b"head");
+        assert_eq!(
+            out[4..],
+            encode(&[1.0, 2.0], &[1, 2], WireDType::F32).unwrap()
+        );
+        let before = out.clone();
+        // A dimension beyond u32 fails while the header is being written.
+        let huge = u32::MAX as usize + 1;
+        assert!(encode_into(&[], &[huge, 0], WireDType::F32, &mut out).is_err());
+        assert!(encode_into(&[1.0], &[1, 2], WireDType::F16, &mut out).is_err());
+        assert_eq!(out, before);
     }
 
     proptest! {

@@ -36,6 +36,30 @@ where
     stream.flush().await.map_err(io("sending"))
 }
 
+/// Writes `message`, then `values` of shape `dims` as a tensor frame of
+/// `dtype`, and flushes: [`write_message`] with the frame encoded straight
+/// into the outgoing buffer.
+pub async fn write_tensor_message<W, M>(
+    stream: &mut W,
+    message: &M,
+    values: &[f32],
+    dims: &[usize],
+    dtype: WireDType,
+) -> Result<(), DhtError>
+where
+    W: AsyncWrite + Unpin,
+    M: Encode,
+{
+    let body = codec::encode(message)?;
+    let payload = values.len() * dtype.size();
+    let mut out = Vec::with_capacity(4 + body.len() + HEADER_LEN + payload);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    tensor_frame::encode_into(values, dims, dtype, &mut out)?;
+    stream.write_all(&out).await.map_err(io("sending"))?;
+    stream.flush().await.map_err(io("sending"))
+}
+
 /// Reads one control message. `Ok(None)` when the stream ended cleanly
 /// before it.
 pub async fn read_message<R, M>(stream: &mut R) -> Result<Option<M>, DhtError>
@@ -85,12 +109,25 @@ pub async fn read_frame<R>(
 where
     R: AsyncRead + Unpin,
 {
-    let mut bytes = vec![0u8; HEADER_LEN];
+    let mut head = [0u8; HEADER_LEN];
     stream
-        .read_exact(&mut bytes)
+        .read_exact(&mut head)
         .await
         .map_err(io("receiving a frame"))?;
-    let header = FrameHeader::parse(&bytes, max_elements)?;
+    let header = FrameHeader::parse(&head, max_elements)?;
+    // f32 on a little-endian machine is the wire's own layout: read the
+    // payload straight into the values.
+    #[cfg(target_endian = "little")]
+    if header.dtype == WireDType::F32 {
+        let mut values = vec![0f32; header.elements()];
+        stream
+            .read_exact(bytemuck::cast_slice_mut(&mut values))
+            .await
+            .map_err(io("receiving a frame"))?;
+        return Ok((header.dims, values));
+    }
+    let mut bytes = Vec::with_capacity(HEADER_LEN + header.payload_len());
+    bytes.extend_from_slice(&head);
     bytes.resize(HEADER_LEN + header.payload_len(), 0);
     stream
         .read_exact(&mut bytes[HEADER_LEN..])
@@ -137,6 +174,44 @@ mod tests {
                 Some(Response::Truncated)
             );
             assert_eq!(read_message::<_, Response>(&mut pipe).await.unwrap(), None);
+        });
+    }
+
+    #[test]
+    fn tensor_messages_carry_f32_exactly_and_f16_rounded() {
+        block_on(async {
+            let values: Vec<f32> = (0..3 * 4).map(|i| i as f32 / 3.0 - 1.5).collect();
+            let mut pipe = Cursor::new(Vec::new());
+            for dtype in [WireDType::F32, WireDType::F16] {
+                let message = Response::Stepped { positions: 3 };
+                write_tensor_message(&mut pipe, &message, &values, &[1, 3, 4], dtype)
+                    .await
+                    .unwrap();
+            }
+            let mut pipe = Cursor::new(pipe.into_inner());
+            for dtype in [WireDType::F32, WireDType::F16] {
+                assert_eq!(
+                    read_message::<_, Response>(&mut pipe).await.unwrap(),
+                    Some(Response::Stepped { positions: 3 })
+                );
+                let (dims, got) = read_frame(&mut pipe, 12).await.unwrap();
+                assert_eq!(dims, [1, 3, 4]);
+                for (a, b) in values.iter().zip(&got) {
+                    match dtype {
+                        WireDType::F32 => assert_eq!(a, b),
+                        WireDType::F16 => assert!((a - b).abs() < 1e-3, "{a} vs {b}"),
+                    }
+                }
+            }
+            // A frame over the reader's cap is refused before its payload.
+            let mut pipe = Cursor::new(Vec::new());
+            let message = Response::Stepped { positions: 3 };
+            write_tensor_message(&mut pipe, &message, &values, &[1, 3, 4], WireDType::F32)
+                .await
+                .unwrap();
+            let mut pipe = Cursor::new(pipe.into_inner());
+            read_message::<_, Response>(&mut pipe).await.unwrap();
+            assert!(read_frame(&mut pipe, 11).await.is_err());
         });
     }
 
