@@ -16,7 +16,7 @@ use swarm_core::tensor_frame::WireDType;
 use swarm_core::{BlockRange, ModelId};
 use swarm_dht::direct::DirectHub;
 use swarm_dht::session::{next_request, settle_link, INFER_STREAM};
-use swarm_dht::wire::{frame, read_frame, read_message, write_message};
+use swarm_dht::wire::{read_frame, read_message, write_message, write_tensor_message};
 use swarm_dht::{Node, NodeConfig, RemoteSession};
 use swarm_shard::{Device, GenerateOptions, LocalModel, ModelFiles, WeightPrecision};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,11 +80,11 @@ async fn echo(mut stream: swarm_dht::Stream, hub: DirectHub) {
         let Ok((dims, values)) = read_frame(&mut link, n * ACTIVATION_VALUES).await else {
             return;
         };
-        let Ok(f) = frame(&values, &dims, dtype) else {
-            return;
-        };
         let stepped = Response::Stepped { positions };
-        if write_message(&mut link, &stepped, Some(&f)).await.is_err() {
+        if write_tensor_message(&mut link, &stepped, &values, &dims, dtype)
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -181,28 +181,27 @@ async fn hop_overhead(
     let (mut tcp, tcp_task) = tcp_echo(ACTIVATION_VALUES * 4).await?;
     let activation = vec![0.5f32; ACTIVATION_VALUES];
     let mut bytes = vec![7u8; ACTIVATION_VALUES * 4];
-    let (mut ours, mut libp2p, mut raw) = (Vec::new(), Vec::new(), Vec::new());
-    // One warm-up round each, then interleaved measurements.
+    // One warm-up round, then round trips taken in turn, one of each kind
+    // after another, so a slow spell of the machine hits all three alike;
+    // the figures are the medians of single round trips.
+    let mut ours = Vec::<f64>::with_capacity(ROUNDS * settings.repeats.max(1));
+    let (mut libp2p, mut raw) = (ours.clone(), ours.clone());
     for round in 0..=settings.repeats.max(1) {
-        let started = Instant::now();
         for _ in 0..ROUNDS {
+            let started = Instant::now();
             direct.step(&activation).await?;
-        }
-        let d = started.elapsed().as_secs_f64() / ROUNDS as f64;
-        let started = Instant::now();
-        for _ in 0..ROUNDS {
+            let d = started.elapsed().as_secs_f64();
+            let started = Instant::now();
             stream.step(&activation).await?;
-        }
-        let s = started.elapsed().as_secs_f64() / ROUNDS as f64;
-        let started = Instant::now();
-        for _ in 0..ROUNDS {
+            let s = started.elapsed().as_secs_f64();
+            let started = Instant::now();
             tcp_round_trip(&mut tcp, &mut bytes).await?;
-        }
-        let r = started.elapsed().as_secs_f64() / ROUNDS as f64;
-        if round > 0 {
-            ours.push(d);
-            libp2p.push(s);
-            raw.push(r);
+            let r = started.elapsed().as_secs_f64();
+            if round > 0 {
+                ours.push(d);
+                libp2p.push(s);
+                raw.push(r);
+            }
         }
     }
     let (ours, libp2p, raw) = (median(ours), median(libp2p), median(raw));

@@ -10,9 +10,10 @@
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{AsyncRead, AsyncWrite, StreamExt};
 use libp2p::StreamProtocol;
@@ -23,7 +24,7 @@ use swarm_shard::{BlockShard, CacheBudget, DType, Device, SessionCache, Tensor};
 
 use crate::direct::{DirectHub, DirectLink};
 use crate::error::DhtError;
-use crate::wire::{frame, read_frame, read_message, write_message};
+use crate::wire::{read_frame, read_message, write_message, write_tensor_message};
 
 /// Protocol id of inference sessions.
 pub const INFER_STREAM: StreamProtocol = StreamProtocol::new(crate::INFER_PROTOCOL);
@@ -40,6 +41,7 @@ pub struct InferenceService {
     idle_timeout: Duration,
     direct: Option<u16>,
     hub: OnceLock<DirectHub>,
+    pace: Pace,
 }
 
 impl std::fmt::Debug for InferenceService {
@@ -63,6 +65,7 @@ impl InferenceService {
             idle_timeout: Duration::from_secs(60),
             direct: Some(0),
             hub: OnceLock::new(),
+            pace: Pace::default(),
         }
     }
 
@@ -221,13 +224,15 @@ impl InferenceService {
                         write_message(&mut link, &Response::Refused(refusal), None).await?;
                         continue;
                     }
-                    let (out, back) = compute(&self.shard, values, n, hidden, cache).await?;
+                    let work = n * open.blocks.len() as usize;
+                    let (out, back) =
+                        compute(&self.shard, values, n, hidden, cache, &self.pace, work).await?;
                     cache = back;
                     match out {
                         Ok(out) => {
-                            let f = frame(&out, &[1, n, hidden], dtype)?;
-                            write_message(&mut link, &Response::Stepped { positions }, Some(&f))
-                                .await?;
+                            let stepped = Response::Stepped { positions };
+                            let dims = [1, n, hidden];
+                            write_tensor_message(&mut link, &stepped, &out, &dims, dtype).await?;
                         }
                         Err(message) => {
                             write_message(&mut link, &Response::Failed { message }, None).await?;
@@ -240,18 +245,55 @@ impl InferenceService {
     }
 }
 
-/// Runs the span on `n` positions of `values`: the session's output (or
-/// why the computation failed) and its cache. On a multi-threaded runtime it runs on this
-/// worker thread (tokio moves the worker's other tasks elsewhere): a step
-/// is a few milliseconds of work whose input just arrived here, and
-/// handing it to a blocking-pool thread and back costs two thread wake-ups
-/// per hop per token.
+/// Steps expected to take at most this long run on the tokio worker that
+/// received them.
+const INLINE_STEP: Duration = Duration::from_millis(15);
+
+/// What a step costs on this server: a running average of the time per
+/// position per block, learnt from the steps computed so far.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Nanoseconds per position·block (0 while nothing is known).
+    nanos_per_unit: AtomicU64,
+}
+
+impl Pace {
+    /// Expected time of `work` position·blocks, if any step was timed.
+    fn expect(&self, work: usize) -> Option<Duration> {
+        match self.nanos_per_unit.load(Ordering::Relaxed) {
+            0 => None,
+            per => Some(Duration::from_nanos(per.saturating_mul(work as u64))),
+        }
+    }
+
+    fn record(&self, work: usize, took: Duration) {
+        let per = (took.as_nanos() / work.max(1) as u128).clamp(1, u64::MAX as u128) as u64;
+        let old = self.nanos_per_unit.load(Ordering::Relaxed);
+        // Concurrent steps may overwrite each other's update; either is a
+        // fair sample.
+        let new = if old == 0 { per } else { (old * 7 + per) / 8 };
+        self.nanos_per_unit.store(new, Ordering::Relaxed);
+    }
+}
+
+/// Runs the span on `n` positions of `values` (`work` position·blocks):
+/// the session's output (or why the computation failed) and its cache.
+///
+/// A step known to be short (a decode step: a few milliseconds) runs right
+/// here on the worker that read its input, and its output goes out from
+/// the same thread; any hand-off to another thread costs a wake-up per hop
+/// per token, which over a three-server chain on a 2-core machine took
+/// 3–10% of the decode speed. Longer steps (prefills, slow spans) go to
+/// `block_in_place` so the worker's other tasks move elsewhere meanwhile,
+/// or to the blocking pool on a current-thread runtime.
 async fn compute(
     shard: &Arc<BlockShard>,
     values: Vec<f32>,
     n: usize,
     hidden: usize,
     mut cache: SessionCache,
+    pace: &Pace,
+    work: usize,
 ) -> Result<(Result<Vec<f32>, String>, SessionCache), DhtError> {
     fn run(
         shard: &BlockShard,
@@ -270,22 +312,31 @@ async fn compute(
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(|e| e.to_string())
     }
+    let started = Instant::now();
+    let short = pace.expect(work).is_some_and(|t| t <= INLINE_STEP);
     let multi_threaded = matches!(
         tokio::runtime::Handle::current().runtime_flavor(),
         tokio::runtime::RuntimeFlavor::MultiThread
     );
-    if multi_threaded {
+    let out = if short {
+        (run(shard, values, n, hidden, &mut cache), cache)
+    } else if multi_threaded {
         let out = tokio::task::block_in_place(|| run(shard, values, n, hidden, &mut cache));
-        return Ok((out, cache));
-    }
-    // A current-thread runtime cannot give its only thread away.
-    let shard = shard.clone();
-    tokio::task::spawn_blocking(move || {
-        let out = run(&shard, values, n, hidden, &mut cache);
         (out, cache)
-    })
-    .await
-    .map_err(|e| DhtError::Transport(format!("session task: {e}")))
+    } else {
+        // A current-thread runtime cannot give its only thread away.
+        let shard = shard.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = run(&shard, values, n, hidden, &mut cache);
+            (out, cache)
+        })
+        .await
+        .map_err(|e| DhtError::Transport(format!("session task: {e}")))?
+    };
+    if out.0.is_ok() {
+        pace.record(work, started.elapsed());
+    }
+    Ok(out)
 }
 
 /// Where a session goes on after the server's `Opened`: onto the direct
@@ -508,14 +559,15 @@ impl RemoteSession {
         timeout: Duration,
     ) -> Result<Vec<f32>, DhtError> {
         let n = whole_positions(hidden_states.len(), self.hidden)?;
-        let f = frame(hidden_states, &[1, n, self.hidden], self.dtype.into())?;
+        let dims = [1, n, self.hidden];
+        let dtype = self.dtype.into();
         let request = Request::Step {
             start: self.len,
             positions: n as u32,
         };
         let (hidden, stream) = (self.hidden, &mut self.stream);
         let work = async {
-            write_message(stream, &request, Some(&f)).await?;
+            write_tensor_message(stream, &request, hidden_states, &dims, dtype).await?;
             match read_message::<_, Response>(stream).await? {
                 Some(Response::Stepped { positions }) if positions as usize == n => {
                     let (dims, values) = read_frame(stream, n * hidden).await?;
@@ -543,5 +595,25 @@ impl RemoteSession {
         tokio::time::timeout(self.timeout, work)
             .await
             .map_err(|_| DhtError::Timeout("closing a session"))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_learns_the_cost_of_a_step() {
+        let pace = Pace::default();
+        assert_eq!(pace.expect(10), None, "nothing timed yet");
+        pace.record(10, Duration::from_millis(5));
+        assert_eq!(pace.expect(10), Some(Duration::from_millis(5)));
+        assert_eq!(pace.expect(1000), Some(Duration::from_millis(500)));
+        // Later samples move the average an eighth of the way.
+        pace.record(10, Duration::from_millis(13));
+        assert_eq!(pace.expect(10), Some(Duration::from_millis(6)));
+        // A sample of no work counts as one unit and never divides by zero.
+        pace.record(0, Duration::ZERO);
+        assert!(pace.expect(1).is_some());
     }
 }
