@@ -54,6 +54,9 @@ const MAX_PLAIN: usize = MAX_MESSAGE - TAG;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes a server runs at once; further connections wait.
 const CONCURRENT_HANDSHAKES: usize = 64;
+/// Handshakes one address may have under way at once, so one peer holding
+/// connections open cannot take every slot and hold up other clients.
+const HANDSHAKES_PER_ADDRESS: usize = 4;
 /// Offers a server keeps waiting at once.
 const MAX_PENDING: usize = 4096;
 
@@ -381,6 +384,42 @@ struct Pending {
     deliver: oneshot::Sender<DirectLink>,
 }
 
+/// One handshake's place in its address's count, given back on drop.
+struct AddressTurn {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl AddressTurn {
+    /// A turn for `ip`, unless it already has
+    /// [`HANDSHAKES_PER_ADDRESS`] under way.
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut map = counts.lock().ok()?;
+        let n = map.entry(ip).or_insert(0);
+        if *n >= HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressTurn {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.counts.lock() {
+            if let Some(n) = map.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
 /// A server's direct listener and the offers it waits on.
 #[derive(Clone)]
 pub struct DirectHub {
@@ -479,6 +518,7 @@ impl DirectHub {
 
     async fn accept_loop(self, listener: TcpListener) {
         let slots = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
+        let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
         loop {
             let (tcp, from) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -488,12 +528,16 @@ impl DirectHub {
                     continue;
                 }
             };
+            let Some(turn) = AddressTurn::take(&per_address, from.ip()) else {
+                tracing::debug!(%from, "direct connection dropped: too many handshakes from its address");
+                continue;
+            };
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
             let hub = self.clone();
             tokio::spawn(async move {
-                let _slot = slot;
+                let _slot = (slot, turn);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, hub.handshake(tcp)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::debug!(%from, error = %e, "direct connection refused"),
@@ -563,6 +607,44 @@ mod tests {
             .unwrap();
         let server = ticket.arrival().await.unwrap();
         (client, server, hub)
+    }
+
+    #[tokio::test]
+    async fn one_address_holding_connections_open_does_not_hold_up_others() {
+        let (hub, _task) = DirectHub::listen([127, 0, 0, 1].into(), 0).await.unwrap();
+        let server = SocketAddr::new([127, 0, 0, 1].into(), hub.port());
+        // A peer on 127.0.0.2 opens more idle connections than the server
+        // runs handshakes, and sends nothing on them.
+        let mut idle = Vec::new();
+        for _ in 0..CONCURRENT_HANDSHAKES + 16 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(SocketAddr::new([127, 0, 0, 2].into(), 0))
+                .unwrap();
+            idle.push(socket.connect(server).await.unwrap());
+        }
+        // A client elsewhere still gets its connection at once (before, it
+        // waited behind them past its own handshake timeout).
+        let (offer, mut ticket) = hub.offer().unwrap();
+        let mut client = DirectLink::connect([127, 0, 0, 1].into(), &offer)
+            .await
+            .unwrap();
+        let mut server = ticket.arrival().await.unwrap();
+        client.write_all(b"still here").await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0u8; 10];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"still here");
+        // The idle peer kept its few handshakes; the rest were closed.
+        let mut closed = 0;
+        for conn in &mut idle {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_millis(200), conn.read(&mut byte)).await;
+            if matches!(read, Ok(Ok(0)) | Ok(Err(_))) {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, idle.len() - HANDSHAKES_PER_ADDRESS);
     }
 
     #[tokio::test]
