@@ -10,7 +10,7 @@
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -249,12 +249,24 @@ impl InferenceService {
 /// received them.
 const INLINE_STEP: Duration = Duration::from_millis(15);
 
-/// What a step costs on this server: a running average of the time per
-/// position per block, learnt from the steps computed so far.
+/// What a step costs on this server (a running average of the time per
+/// position per block, learnt from the steps computed so far) and how many
+/// steps are under way.
 #[derive(Debug, Default)]
 struct Pace {
     /// Nanoseconds per position·block (0 while nothing is known).
     nanos_per_unit: AtomicU64,
+    /// Steps computing now.
+    running: AtomicUsize,
+}
+
+/// A step counted in [`Pace::running`] until dropped.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Pace {
@@ -271,7 +283,11 @@ impl Pace {
         let old = self.nanos_per_unit.load(Ordering::Relaxed);
         // Concurrent steps may overwrite each other's update; either is a
         // fair sample.
-        let new = if old == 0 { per } else { (old * 7 + per) / 8 };
+        let new = if old == 0 {
+            per
+        } else {
+            old.saturating_mul(7).saturating_add(per) / 8
+        };
         self.nanos_per_unit.store(new, Ordering::Relaxed);
     }
 }
@@ -279,11 +295,12 @@ impl Pace {
 /// Runs the span on `n` positions of `values` (`work` position·blocks):
 /// the session's output (or why the computation failed) and its cache.
 ///
-/// A step known to be short (a decode step: a few milliseconds) runs right
-/// here on the worker that read its input, and its output goes out from
-/// the same thread; any hand-off to another thread costs a wake-up per hop
-/// per token, which over a three-server chain on a 2-core machine took
-/// 3–10% of the decode speed. Longer steps (prefills, slow spans) go to
+/// A step known to be short (a decode step: a few milliseconds), while no
+/// other step of this server runs, goes right here on the worker that read
+/// its input, and its output goes out from the same thread: any hand-off
+/// to another thread costs a wake-up per hop per token, which over a
+/// three-server chain on a 2-core machine took 3–10% of the decode speed.
+/// Longer steps (prefills, slow spans) and concurrent ones go to
 /// `block_in_place` so the worker's other tasks move elsewhere meanwhile,
 /// or to the blocking pool on a current-thread runtime.
 async fn compute(
@@ -313,7 +330,11 @@ async fn compute(
             .map_err(|e| e.to_string())
     }
     let started = Instant::now();
-    let short = pace.expect(work).is_some_and(|t| t <= INLINE_STEP);
+    let others = pace.running.fetch_add(1, Ordering::AcqRel);
+    let _running = Running(&pace.running);
+    // With other steps under way the workers are needed to keep the node
+    // answering, so only a server's lone step runs inline.
+    let short = others == 0 && pace.expect(work).is_some_and(|t| t <= INLINE_STEP);
     let multi_threaded = matches!(
         tokio::runtime::Handle::current().runtime_flavor(),
         tokio::runtime::RuntimeFlavor::MultiThread
@@ -614,6 +635,10 @@ mod tests {
         assert_eq!(pace.expect(10), Some(Duration::from_millis(6)));
         // A sample of no work counts as one unit and never divides by zero.
         pace.record(0, Duration::ZERO);
+        assert!(pace.expect(1).is_some());
+        // Absurd samples saturate instead of overflowing.
+        pace.record(1, Duration::MAX);
+        pace.record(1, Duration::MAX);
         assert!(pace.expect(1).is_some());
     }
 }
