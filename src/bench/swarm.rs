@@ -19,8 +19,7 @@ use swarm_dht::session::{next_request, settle_link, INFER_STREAM};
 use swarm_dht::wire::{read_frame, read_message, write_message, write_tensor_message};
 use swarm_dht::{Node, NodeConfig, RemoteSession};
 use swarm_shard::{
-    BlockPipeline, Device, GenerateOptions, Generator, LocalModel, ModelFiles, ShardError, Tensor,
-    WeightPrecision,
+    BlockPipeline, Device, GenerateOptions, Generator, LocalModel, ModelFiles, WeightPrecision,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -267,7 +266,6 @@ async fn distributed_decode(
     // back (what a user sees, but a slow spell may fall on one side only).
     // Ratios are the medians of the rounds' own ratios.
     let max_length = client.max_length(PROMPT.len(), &options);
-    let hidden = client.head().config().hidden_size;
     let (mut through, mut here, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut whole_through, mut whole_here, mut whole_ratios) =
         (Vec::new(), Vec::new(), Vec::new());
@@ -281,14 +279,7 @@ async fn distributed_decode(
         loop {
             let started = Instant::now();
             let Some(x) = remote.pending()? else { break };
-            let values = x
-                .flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(ShardError::from)?;
-            let n = values.len() / hidden.max(1);
-            let out = session.step(&values).await?;
-            let out = Tensor::from_vec(out, (1, n, hidden), client.head().device())
-                .map_err(ShardError::from)?;
+            let out = session.forward(&x).await?;
             remote.advance(&out)?;
             let r = started.elapsed();
             let started = Instant::now();

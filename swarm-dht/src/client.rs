@@ -19,8 +19,8 @@ use swarm_core::infer::{Dtype, OpenSession, INFER_VERSION};
 use swarm_core::{BlockRange, ModelId};
 use swarm_score::{plan, Candidate, RouteOptions, ServerId};
 use swarm_shard::{
-    BlockShard, ClientHead, GenerateOptions, GenerationOutput, Generator, SessionCache, ShardError,
-    Tensor,
+    BlockShard, ClientHead, DType, GenerateOptions, GenerationOutput, Generator, SessionCache,
+    ShardError, Tensor,
 };
 
 use crate::error::DhtError;
@@ -204,6 +204,19 @@ impl InferenceSession {
     /// Whether no position has run yet.
     pub fn is_empty(&self) -> bool {
         self.positions == 0
+    }
+
+    /// [`InferenceSession::step`] on a tensor of shape (1, positions,
+    /// hidden), on the device of `x`.
+    pub async fn forward(&mut self, x: &Tensor) -> Result<Tensor, DhtError> {
+        let (_, n, hidden) = x.dims3().map_err(ShardError::from)?;
+        let values = x
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(ShardError::from)?;
+        let out = self.step(&values).await?;
+        Ok(Tensor::from_vec(out, (1, n, hidden), x.device()).map_err(ShardError::from)?)
     }
 
     /// Runs the span on `hidden_states` (positions x hidden values) and
@@ -494,20 +507,13 @@ pub async fn generate(
     options: &GenerateOptions,
     on_token: &mut (dyn FnMut(u32) -> Result<bool, ShardError> + Send),
 ) -> Result<GenerationOutput, DhtError> {
-    let hidden = head.config().hidden_size;
     let mut generator = Generator::new(head, prompt, options)?;
     while let Some(x) = generator.pending()? {
         let x = match local.as_deref_mut() {
             Some(l) => l.shard.forward(&x, &mut l.cache)?,
             None => x,
         };
-        let values = x
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(ShardError::from)?;
-        let n = values.len() / hidden.max(1);
-        let out = session.step(&values).await?;
-        let out = Tensor::from_vec(out, (1, n, hidden), head.device()).map_err(ShardError::from)?;
+        let out = session.forward(&x).await?;
         let next = generator.advance(&out)?;
         if !on_token(next)? {
             generator.stop();
