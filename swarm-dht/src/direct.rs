@@ -602,11 +602,27 @@ mod tests {
     async fn pair() -> (DirectLink, DirectLink, DirectHub) {
         let (hub, _task) = DirectHub::listen([127, 0, 0, 1].into(), 0).await.unwrap();
         let (offer, mut ticket) = hub.offer().unwrap();
-        let client = DirectLink::connect([127, 0, 0, 1].into(), &offer)
+        let (client, server) = take(&offer, &mut ticket).await;
+        (client, server, hub)
+    }
+
+    /// Connects to `offer` from 127.0.0.1: the client's end and the
+    /// server's.
+    async fn take(offer: &DirectOffer, ticket: &mut OfferTicket) -> (DirectLink, DirectLink) {
+        let client = DirectLink::connect([127, 0, 0, 1].into(), offer)
             .await
             .unwrap();
         let server = ticket.arrival().await.unwrap();
-        (client, server, hub)
+        (client, server)
+    }
+
+    /// `message` goes from `client` to `server` intact.
+    async fn crosses(client: &mut DirectLink, server: &mut DirectLink, message: &[u8]) {
+        client.write_all(message).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = vec![0u8; message.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, message);
     }
 
     #[tokio::test]
@@ -626,15 +642,8 @@ mod tests {
         // A client elsewhere still gets its connection at once (before, it
         // waited behind them past its own handshake timeout).
         let (offer, mut ticket) = hub.offer().unwrap();
-        let mut client = DirectLink::connect([127, 0, 0, 1].into(), &offer)
-            .await
-            .unwrap();
-        let mut server = ticket.arrival().await.unwrap();
-        client.write_all(b"still here").await.unwrap();
-        client.flush().await.unwrap();
-        let mut got = [0u8; 10];
-        server.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"still here");
+        let (mut client, mut server) = take(&offer, &mut ticket).await;
+        crosses(&mut client, &mut server, b"still here").await;
         // The idle peer kept its few handshakes; the rest were closed.
         let mut closed = 0;
         for conn in &mut idle {
@@ -693,15 +702,8 @@ mod tests {
         tcp.write_all(&[0xAB; 4096]).await.unwrap();
         drop(tcp);
         // The real client still gets in.
-        let mut client = DirectLink::connect([127, 0, 0, 1].into(), &offer)
-            .await
-            .unwrap();
-        let mut server = ticket.arrival().await.unwrap();
-        client.write_all(b"hello").await.unwrap();
-        client.flush().await.unwrap();
-        let mut got = [0u8; 5];
-        server.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"hello");
+        let (mut client, mut server) = take(&offer, &mut ticket).await;
+        crosses(&mut client, &mut server, b"hello").await;
         // A token is good once.
         assert!(DirectLink::connect([127, 0, 0, 1].into(), &offer)
             .await
@@ -712,10 +714,7 @@ mod tests {
     async fn tampered_bytes_end_the_link_with_an_error() {
         let (hub, _task) = DirectHub::listen([127, 0, 0, 1].into(), 0).await.unwrap();
         let (offer, mut ticket) = hub.offer().unwrap();
-        let mut client = DirectLink::connect([127, 0, 0, 1].into(), &offer)
-            .await
-            .unwrap();
-        let mut server = ticket.arrival().await.unwrap();
+        let (mut client, mut server) = take(&offer, &mut ticket).await;
         // Write a forged message straight onto the socket.
         let mut forged = 40u16.to_be_bytes().to_vec();
         forged.extend_from_slice(&[0x55; 40]);
