@@ -139,6 +139,13 @@ pub enum Refusal {
         /// The version the server speaks.
         supported: u16,
     },
+    /// The session length asked for is 0 or beyond the model's context.
+    Length {
+        /// Positions asked for.
+        asked: u32,
+        /// The model's context, in positions.
+        context: u32,
+    },
     /// The step does not continue the session: it starts elsewhere, or
     /// runs past `max_length`.
     BadStep {
@@ -193,6 +200,10 @@ impl std::fmt::Display for Refusal {
             Refusal::Version { supported } => write!(
                 f,
                 "the server speaks inference protocol version {supported}; upgrade one side"
+            ),
+            Refusal::Length { asked, context } => write!(
+                f,
+                "a session of {asked} positions was asked; it must be 1 to the model's context of {context}"
             ),
             Refusal::BadStep {
                 expected_start,
@@ -260,6 +271,8 @@ mod tests {
                     max_length
                 })
             ),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(asked, context)| Response::Refused(Refusal::Length { asked, context })),
             Just(Response::Refused(Refusal::Unexpected)),
             "[ -~]{0,200}".prop_map(|message| Response::Failed { message }),
         ]

@@ -125,6 +125,7 @@ impl InferenceService {
 
     fn refuse_open(&self, open: &OpenSession) -> Option<Refusal> {
         let hosted = self.shard.range();
+        let context = self.shard.config().max_position_embeddings;
         if open.version != INFER_VERSION {
             Some(Refusal::Version {
                 supported: INFER_VERSION,
@@ -135,6 +136,11 @@ impl InferenceService {
             })
         } else if open.blocks.start() < hosted.start() || open.blocks.end() > hosted.end() {
             Some(Refusal::NotHosted { hosted })
+        } else if open.max_length == 0 || open.max_length as usize > context {
+            Some(Refusal::Length {
+                asked: open.max_length,
+                context: u32::try_from(context).unwrap_or(u32::MAX),
+            })
         } else {
             None
         }
@@ -163,16 +169,11 @@ impl InferenceService {
             .new_session_for(open.blocks, max_length, &self.budget)
         {
             Ok(cache) => cache,
-            Err(e) => {
-                let refusal = match e {
-                    swarm_shard::ShardError::BadSettings(_) => Refusal::BadStep {
-                        expected_start: 0,
-                        max_length: cfg.max_position_embeddings as u32,
-                    },
-                    _ => Refusal::Busy {
-                        needed: open.max_length,
-                        free: self.budget.available() / per_token,
-                    },
+            Err(_) => {
+                // The length was checked above: what is left is memory.
+                let refusal = Refusal::Busy {
+                    needed: open.max_length,
+                    free: self.budget.available() / per_token,
                 };
                 return write_message(&mut stream, &Response::Refused(refusal), None).await;
             }

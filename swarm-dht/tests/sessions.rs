@@ -190,7 +190,7 @@ async fn the_budget_refuses_clearly_and_bad_requests_are_refused() {
         Err(DhtError::Refused(Refusal::Busy { needed: 16, free })) => assert!(free < 16),
         other => panic!("expected a Busy refusal, got {other:?}"),
     }
-    // Not hosted, wrong model, wrong version.
+    // Not hosted, wrong model, wrong version, bad length.
     let mut beyond = open((2, 6), Dtype::F16);
     beyond.blocks = BlockRange::new(2, 6).unwrap();
     assert!(matches!(
@@ -209,6 +209,21 @@ async fn the_budget_refuses_clearly_and_bad_requests_are_refused() {
         s.client.open_session(peer, future).await,
         Err(DhtError::Refused(Refusal::Version { .. }))
     ));
+    // Lengths of 0 or past the model's context.
+    let context = s.files.config().max_position_embeddings as u32;
+    for asked in [0, context + 1] {
+        let mut length = open((0, 2), Dtype::F16);
+        length.max_length = asked;
+        match s.client.open_session(peer, length).await {
+            Err(DhtError::Refused(Refusal::Length {
+                asked: a,
+                context: c,
+            })) => {
+                assert_eq!((a, c), (asked, context));
+            }
+            other => panic!("expected a Length refusal for {asked}, got {other:?}"),
+        }
+    }
     // A session dropped without closing (stream reset) frees its cache.
     drop(held);
     assert!(
