@@ -169,13 +169,20 @@ impl InferenceService {
             .new_session_for(open.blocks, max_length, &self.budget)
         {
             Ok(cache) => cache,
-            Err(_) => {
-                // The length was checked above: what is left is memory.
+            Err(swarm_shard::ShardError::CacheBudgetExceeded { .. }) => {
                 let refusal = Refusal::Busy {
                     needed: open.max_length,
                     free: self.budget.available() / per_token,
                 };
                 return write_message(&mut stream, &Response::Refused(refusal), None).await;
+            }
+            // `refuse_open` checked blocks and length, so this is not
+            // expected; say what it was rather than blame memory.
+            Err(e) => {
+                let failed = Response::Failed {
+                    message: e.to_string(),
+                };
+                return write_message(&mut stream, &failed, None).await;
             }
         };
         let offer = match self.hub.get() {
