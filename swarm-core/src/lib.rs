@@ -6,6 +6,7 @@
 //! ([`codec`] for control messages, [`tensor_frame`] for hidden states).
 
 mod block_range;
+pub mod catalog;
 pub mod codec;
 mod error;
 mod hardware;

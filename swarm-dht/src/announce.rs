@@ -16,9 +16,25 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Signs `info` afresh (issued now, valid for `ttl`) and announces it once,
+/// returning when the DHT has taken it.
+pub async fn announce_once(
+    node: &Node,
+    key: &NodeKey,
+    info: &ServerInfo,
+    ttl: Duration,
+) -> Result<(), DhtError> {
+    let mut fresh = info.clone();
+    fresh.issued_at_ms = now_ms();
+    fresh.expires_at_ms = fresh.issued_at_ms + ttl.as_millis() as u64;
+    let record = key.sign(&fresh)?;
+    node.announce(&record, &fresh).await
+}
+
 /// Re-signs and re-announces `info` every `refresh`, each record valid for
-/// `ttl`, until the returned task is aborted. A killed server stops
-/// refreshing, so it drops out of lookups within `ttl`.
+/// `ttl`, until the returned task is aborted; the first announcement goes
+/// out at once. A killed server stops refreshing, so it drops out of
+/// lookups within `ttl`.
 pub fn announce_periodically(
     node: Node,
     key: NodeKey,
@@ -26,21 +42,38 @@ pub fn announce_periodically(
     refresh: Duration,
     ttl: Duration,
 ) -> JoinHandle<()> {
+    announce_from(tokio::time::Instant::now(), node, key, info, refresh, ttl)
+}
+
+/// [`announce_periodically`] for a record already announced (by
+/// [`announce_once`]): the first refresh goes out `refresh` from now.
+pub fn refresh_periodically(
+    node: Node,
+    key: NodeKey,
+    info: ServerInfo,
+    refresh: Duration,
+    ttl: Duration,
+) -> JoinHandle<()> {
+    let start = tokio::time::Instant::now() + refresh;
+    announce_from(start, node, key, info, refresh, ttl)
+}
+
+fn announce_from(
+    start: tokio::time::Instant,
+    node: Node,
+    key: NodeKey,
+    info: ServerInfo,
+    refresh: Duration,
+    ttl: Duration,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(refresh);
+        let mut ticker = tokio::time::interval_at(start, refresh);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let mut fresh = info.clone();
-            fresh.issued_at_ms = now_ms();
-            fresh.expires_at_ms = fresh.issued_at_ms + ttl.as_millis() as u64;
-            let result = match key.sign(&fresh) {
-                Ok(record) => node.announce(&record, &fresh).await,
-                Err(e) => Err(DhtError::Core(e)),
-            };
-            match result {
+            match announce_once(&node, &key, &info, ttl).await {
                 Ok(()) => {
-                    tracing::debug!(model = %fresh.model, blocks = %fresh.blocks, "announced")
+                    tracing::debug!(model = %info.model, blocks = %info.blocks, "announced")
                 }
                 Err(DhtError::Stopped) => break,
                 Err(e) => {

@@ -39,6 +39,22 @@ pub enum DhtError {
     /// No chain of usable servers covers the blocks a session needs.
     #[error("{0}")]
     NoRoute(String),
+    /// Blocks the client needs have no server in the swarm, after waiting
+    /// for them.
+    #[error("{}", no_hosts(.model, .missing, *.servers, .waited, .serving))]
+    NoHosts {
+        /// The model asked for.
+        model: swarm_core::ModelId,
+        /// Blocks without a host (empty when the model has no server at
+        /// all).
+        missing: Vec<swarm_core::BlockRange>,
+        /// Servers of the model that were listed.
+        servers: usize,
+        /// How long the client waited for hosts.
+        waited: std::time::Duration,
+        /// What the swarm serves instead, when the model has no server.
+        serving: Vec<crate::catalog::ServedModel>,
+    },
     /// No listed server has this name or peer id.
     #[error("no listed server is called {0:?} (use a name or peer id from `sherpa nodes`)")]
     UnknownServer(String),
@@ -48,4 +64,28 @@ pub enum DhtError {
     /// Invalid shared values (records, messages).
     #[error(transparent)]
     Core(#[from] swarm_core::CoreError),
+}
+
+fn no_hosts(
+    model: &swarm_core::ModelId,
+    missing: &[swarm_core::BlockRange],
+    servers: usize,
+    waited: &std::time::Duration,
+    serving: &[crate::catalog::ServedModel],
+) -> String {
+    let waited = waited.as_secs_f64();
+    if servers == 0 {
+        let others = if serving.is_empty() {
+            "no model at all yet".to_owned()
+        } else {
+            crate::survey::list(serving)
+        };
+        format!("no route: the swarm has no server of {model} (waited {waited:.0} s); it serves {others}")
+    } else {
+        format!(
+            "no route: no server hosts blocks {} of {model} ({servers} server{} listed; waited {waited:.0} s)",
+            crate::survey::list(missing),
+            if servers == 1 { "" } else { "s" }
+        )
+    }
 }

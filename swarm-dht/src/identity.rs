@@ -1,7 +1,17 @@
 //! A node's persistent identity: the ed25519 key that signs its records and
-//! (from the network issue on) names it as a libp2p peer. It lives in the
-//! node's data directory as 32 raw secret bytes, readable by its owner only.
+//! names it as a libp2p peer. It lives in the node's data directory as 32
+//! raw secret bytes, readable by its owner only.
+//!
+//! Two running nodes must never share an identity: their records would
+//! overwrite each other and the swarm would see one node where there are
+//! two. A running node therefore holds a lock on its key
+//! ([`NodeIdentity::claim`]); another process reaching for the same
+//! directory takes the next free key beside it (`node-1.key`,
+//! `node-2.key`, ...), so several servers started on one machine with the
+//! same data directory all get distinct identities, and each keeps its own
+//! across restarts (a restarted server finds its old key free again).
 
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -16,8 +26,20 @@ pub const KEY_FILE: &str = "node.key";
 /// Loads the key from `dir`, creating a fresh random one (and the
 /// directory) on first use. A corrupt key file is an error, never silently
 /// replaced: replacing it would change the node's identity.
+///
+/// Takes no lock: a node that runs for a while should hold its key with
+/// [`NodeIdentity::claim`] instead.
 pub fn load_or_create_node_key(dir: &Path) -> Result<NodeKey, DhtError> {
-    let path = dir.join(KEY_FILE);
+    std::fs::create_dir_all(dir).map_err(|source| DhtError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    load_or_create_key_file(&dir.join(KEY_FILE))
+}
+
+/// Reads the key at `path`, or creates it there when there is none.
+fn load_or_create_key_file(path: &Path) -> Result<NodeKey, DhtError> {
+    let path = path.to_owned();
     match std::fs::read(&path) {
         Ok(bytes) => {
             let seed: [u8; 32] = bytes
@@ -30,16 +52,101 @@ pub fn load_or_create_node_key(dir: &Path) -> Result<NodeKey, DhtError> {
             Ok(NodeKey::from_seed(seed))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(|source| DhtError::Io {
-                path: dir.to_owned(),
-                source,
-            })?;
             let mut seed = [0u8; 32];
             rand::rng().fill_bytes(&mut seed);
             write_private(&path, &seed)?;
             Ok(NodeKey::from_seed(seed))
         }
         Err(source) => Err(DhtError::Io { path, source }),
+    }
+}
+
+/// How many keys a data directory holds for nodes running at once.
+pub const MAX_INSTANCES: u32 = 64;
+
+/// A node key claimed by this process: the key, the file it was read from,
+/// and a lock on it that lasts as long as this value (and ends with the
+/// process, however it ends).
+#[derive(Debug)]
+pub struct NodeIdentity {
+    key: NodeKey,
+    path: PathBuf,
+    /// Key files that other running nodes hold, skipped to get this one.
+    skipped: Vec<PathBuf>,
+    _lock: File,
+}
+
+impl NodeIdentity {
+    /// Claims the first key in `dir` that no running node holds: `node.key`,
+    /// else `node-1.key`, `node-2.key`, ...; each is created (with the
+    /// directory) on first use. A corrupt key file is an error, never
+    /// silently replaced.
+    pub fn claim(dir: &Path) -> Result<Self, DhtError> {
+        std::fs::create_dir_all(dir).map_err(|source| DhtError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let mut skipped = Vec::new();
+        for instance in 0..MAX_INSTANCES {
+            let name = match instance {
+                0 => KEY_FILE.to_owned(),
+                n => format!("node-{n}.key"),
+            };
+            let path = dir.join(&name);
+            let lock_path = dir.join(format!("{name}.lock"));
+            let Some(lock) = try_lock(&lock_path)? else {
+                skipped.push(path);
+                continue;
+            };
+            let key = load_or_create_key_file(&path)?;
+            return Ok(Self {
+                key,
+                path,
+                skipped,
+                _lock: lock,
+            });
+        }
+        Err(DhtError::Identity(format!(
+            "all {MAX_INSTANCES} node keys in {} are held by running nodes; give this one its own --data-dir",
+            dir.display()
+        )))
+    }
+
+    /// The key.
+    pub fn key(&self) -> &NodeKey {
+        &self.key
+    }
+
+    /// The key's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Key files held by other running nodes that this claim passed over
+    /// (empty when it got the directory's first key).
+    pub fn skipped(&self) -> &[PathBuf] {
+        &self.skipped
+    }
+}
+
+/// Opens (creating) `path` and takes an exclusive lock on it without
+/// waiting: `None` when another open file holds it.
+fn try_lock(path: &Path) -> Result<Option<File>, DhtError> {
+    let io = |source| DhtError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(source)) => Err(io(source)),
     }
 }
 
@@ -176,6 +283,39 @@ mod tests {
         }
         std::fs::write(dir.join(KEY_FILE), b"short").unwrap();
         let err = load_or_create_node_key(&dir).unwrap_err();
+        assert!(err.to_string().contains("expected 32"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn running_nodes_never_share_a_key_and_a_restart_gets_its_own_back() {
+        let dir = std::env::temp_dir().join(format!("sherpa-claim-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // Three nodes at once (flock locks are per open file, so one
+        // process shows what separate processes see).
+        let first = NodeIdentity::claim(&dir).unwrap();
+        let second = NodeIdentity::claim(&dir).unwrap();
+        let third = NodeIdentity::claim(&dir).unwrap();
+        let ids = [&first, &second, &third].map(|i| i.key().public_key());
+        assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+        assert_eq!(first.path(), dir.join(KEY_FILE));
+        assert!(first.skipped().is_empty());
+        assert_eq!(second.path(), dir.join("node-1.key"));
+        assert_eq!(second.skipped(), [dir.join(KEY_FILE)]);
+        assert_eq!(third.path(), dir.join("node-2.key"));
+        // The second stops and starts again: it gets its own key back, not
+        // the first's or the third's.
+        drop(second);
+        let again = NodeIdentity::claim(&dir).unwrap();
+        assert_eq!(again.key().public_key(), ids[1]);
+        // Everyone stopped: the next run is the first node again.
+        drop((first, third, again));
+        let alone = NodeIdentity::claim(&dir).unwrap();
+        assert_eq!(alone.key().public_key(), ids[0]);
+        // A corrupt key is an error, not a new identity.
+        drop(alone);
+        std::fs::write(dir.join(KEY_FILE), b"short").unwrap();
+        let err = NodeIdentity::claim(&dir).unwrap_err();
         assert!(err.to_string().contains("expected 32"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -14,6 +14,7 @@
 
 pub mod admission;
 pub mod announce;
+pub mod catalog;
 pub mod client;
 pub mod direct;
 mod error;
@@ -25,17 +26,18 @@ pub mod session;
 pub mod survey;
 pub mod wire;
 
-pub use announce::{announce_periodically, now_ms, withdraw};
+pub use announce::{announce_once, announce_periodically, now_ms, refresh_periodically, withdraw};
+pub use catalog::{served_models, ServedModel};
 pub use client::{
     generate, Failover, InferenceSession, LocalBlocks, RouteStep, ServerChoice, SessionOptions,
 };
 pub use error::DhtError;
-pub use identity::{load_or_create_node_key, SwarmKey};
+pub use identity::{load_or_create_node_key, NodeIdentity, SwarmKey};
 pub use libp2p::{multiaddr, Multiaddr, PeerId, Stream, StreamProtocol};
 pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListing};
 pub use probe::Bandwidth;
 pub use session::{InferenceService, Link, RemoteSession};
-pub use survey::{survey, Survey, SurveyOptions};
+pub use survey::{survey, survey_hosted, unhosted, HostWait, Survey, SurveyOptions};
 
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::admission;
 use crate::announce::now_ms;
+use crate::catalog;
 use crate::direct::DirectHub;
 use crate::error::DhtError;
 use crate::identity::SwarmKey;
@@ -250,6 +251,8 @@ enum Command {
     Connect(PeerId, Vec<Multiaddr>, Reply<Result<(), DhtError>>),
     Stats(Reply<NodeStats>),
     DirectIp(PeerId, Reply<Option<IpAddr>>),
+    Catalog(Reply<swarm_core::catalog::Catalog>),
+    ConnectedPeers(Reply<Vec<PeerId>>),
 }
 
 /// What a node refused to store for others, since it started.
@@ -331,6 +334,9 @@ impl Node {
         let mut control = streams.new_control();
         let probes = control
             .accept(probe::PROBE_PROTOCOL)
+            .map_err(|e| DhtError::Transport(e.to_string()))?;
+        let catalogs = control
+            .accept(catalog::CATALOG_PROTOCOL)
             .map_err(|e| DhtError::Transport(e.to_string()))?;
         let sessions = match &config.inference {
             Some(service) => Some((
@@ -519,17 +525,26 @@ impl Node {
         }
         tokio::spawn(event_loop.run(early));
         tokio::spawn(probe::serve_probes(probes));
-        tokio::time::timeout(timeout, joined)
-            .await
-            .map_err(|_| DhtError::Timeout("joining through the bootstrap peers"))?
-            .map_err(|_| DhtError::Stopped)??;
-        Ok(Self {
+        let node = Self {
             peer_id,
             control,
             commands,
             timeout,
             stop,
-        })
+        };
+        // The catalog task's handle is weak: dropping every `Node` still
+        // stops the node.
+        tokio::spawn(catalog::serve_catalogs(catalogs, node.downgrade()));
+        let joined = tokio::time::timeout(timeout, joined)
+            .await
+            .map_err(|_| DhtError::Timeout("joining through the bootstrap peers"))
+            .and_then(|r| r.map_err(|_| DhtError::Stopped))
+            .and_then(|r| r);
+        if let Err(e) = joined {
+            node.shutdown().await;
+            return Err(e);
+        }
+        Ok(node)
     }
 
     /// This node's peer id.
@@ -749,8 +764,31 @@ impl Node {
             .map_err(|e| DhtError::Transport(format!("cannot accept {protocol}: {e}")))
     }
 
+    /// A handle that does not keep the node running.
+    pub(crate) fn downgrade(&self) -> WeakNode {
+        WeakNode {
+            commands: self.commands.downgrade(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// The models this node holds live server records of.
+    pub async fn local_catalog(&self) -> Result<swarm_core::catalog::Catalog, DhtError> {
+        self.ask("the local catalog", Command::Catalog).await
+    }
+
+    /// The peers this node is connected to now.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, DhtError> {
+        self.ask("connected peers", Command::ConnectedPeers).await
+    }
+
+    /// How long a request to another node may take.
+    pub fn request_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Connects to `peer` and opens a stream of `protocol` to it.
-    async fn open_stream(
+    pub(crate) async fn open_stream(
         &self,
         peer: PeerId,
         protocol: StreamProtocol,
@@ -776,6 +814,31 @@ impl Node {
     /// Stops the node now; its connections close.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(()).await;
+    }
+}
+
+/// A [`Node`] handle for the node's own tasks: it does not keep the node
+/// running, so dropping every [`Node`] still stops it.
+#[derive(Clone)]
+pub(crate) struct WeakNode {
+    commands: mpsc::WeakSender<Command>,
+    timeout: Duration,
+}
+
+impl WeakNode {
+    /// [`Node::local_catalog`], while the node runs.
+    pub(crate) async fn local_catalog(&self) -> Result<swarm_core::catalog::Catalog, DhtError> {
+        let (tx, rx) = oneshot::channel();
+        let commands = self.commands.upgrade().ok_or(DhtError::Stopped)?;
+        tokio::time::timeout(self.timeout, commands.send(Command::Catalog(tx)))
+            .await
+            .map_err(|_| DhtError::Timeout("the local catalog"))?
+            .map_err(|_| DhtError::Stopped)?;
+        drop(commands);
+        tokio::time::timeout(self.timeout, rx)
+            .await
+            .map_err(|_| DhtError::Timeout("the local catalog"))?
+            .map_err(|_| DhtError::Stopped)
     }
 }
 
@@ -994,6 +1057,12 @@ impl EventLoop {
             }
             Command::DirectIp(peer, reply) => {
                 let _ = reply.send(self.direct_ips.get(&peer).copied());
+            }
+            Command::Catalog(reply) => {
+                let _ = reply.send(catalog::catalog_of(kad.store_mut(), now_ms()));
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
             Command::Connect(peer, addrs, reply) => {
                 if already_connected {

@@ -5,9 +5,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use swarm_core::ModelId;
+use swarm_core::{BlockRange, ModelId};
 use swarm_score::{Candidate, ServerId};
 
+use crate::catalog::{served_models, ServedModel};
 use crate::error::DhtError;
 use crate::node::{ListedServer, Node, ServerListing};
 use crate::probe::Bandwidth;
@@ -211,3 +212,129 @@ pub async fn measure_pings(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A model's blocks that have no host yet, while a survey waits for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostWait {
+    /// The model.
+    pub model: ModelId,
+    /// Blocks no listed server hosts; empty when no server of the model is
+    /// listed at all (its block count is then unknown).
+    pub missing: Vec<BlockRange>,
+    /// Servers of the model listed so far.
+    pub servers: usize,
+    /// How long the survey waits at most.
+    pub limit: Duration,
+    /// When no server of the model is listed: the models the swarm does
+    /// serve.
+    pub serving: Vec<ServedModel>,
+}
+
+impl std::fmt::Display for HostWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let limit = self.limit.as_secs_f64();
+        if self.servers == 0 {
+            write!(f, "no servers of {} yet", self.model)?;
+            if !self.serving.is_empty() {
+                write!(f, " (the swarm serves {})", list(&self.serving))?;
+            }
+            write!(f, "; waiting up to {limit:.0} s for some")
+        } else {
+            write!(
+                f,
+                "blocks {} of {} have no host yet ({} server{} listed); waiting up to {limit:.0} s for them",
+                list(&self.missing),
+                self.model,
+                self.servers,
+                if self.servers == 1 { "" } else { "s" }
+            )
+        }
+    }
+}
+
+/// `items` joined by ", ".
+pub(crate) fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Blocks of `span` (of the model's whole block count when `None`) that no
+/// listed server hosts. `None` when every block has a host; `Some` of an
+/// empty list when no server is listed and `span` is `None` (nothing
+/// tells how many blocks the model has).
+pub fn unhosted(listing: &ServerListing, span: Option<BlockRange>) -> Option<Vec<BlockRange>> {
+    let end = match span {
+        Some(span) => span.end(),
+        None => match listing.model_blocks() {
+            0 => return Some(Vec::new()),
+            blocks => blocks,
+        },
+    };
+    let start = span.map_or(0, |s| s.start());
+    let hosted: Vec<BlockRange> = listing.servers.iter().map(|s| s.info.blocks).collect();
+    let missing: Vec<BlockRange> = swarm_score::uncovered_blocks(end, &hosted)
+        .into_iter()
+        .filter_map(|gap| BlockRange::new(gap.start().max(start), gap.end()).ok())
+        .collect();
+    (!missing.is_empty()).then_some(missing)
+}
+
+/// [`survey`], waiting up to `wait` for servers of every block of `span`
+/// (the model's whole block count when `None`) to be listed: servers
+/// started a moment before the client may not have announced yet.
+/// `on_wait` hears what is missing when the wait starts and whenever that
+/// changes. After `wait` it returns what it found; the caller decides
+/// what missing blocks mean.
+pub async fn survey_hosted(
+    node: &Node,
+    model: &ModelId,
+    options: &SurveyOptions,
+    span: Option<BlockRange>,
+    wait: Duration,
+    on_wait: &mut (dyn FnMut(&HostWait) + Send),
+) -> Result<Survey, DhtError> {
+    let deadline = Instant::now() + wait;
+    let mut found = survey(node, model, options).await?;
+    let mut told: Option<(Vec<BlockRange>, usize)> = None;
+    while let Some(missing) = unhosted(&found.listing, span) {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let servers = found.listing.servers.len();
+        if told.as_ref() != Some(&(missing.clone(), servers)) {
+            let serving = if servers == 0 {
+                served_models(node).await.unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            on_wait(&HostWait {
+                model: model.clone(),
+                missing: missing.clone(),
+                servers,
+                limit: wait,
+                serving,
+            });
+            told = Some((missing, servers));
+        }
+        // Listings are cheap; a full survey (pings, probes) only once the
+        // listing has changed.
+        tokio::time::sleep(WAIT_POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+        let listing = node.list_servers(model, now_ms()).await?;
+        if listing.servers.len() != found.listing.servers.len()
+            || unhosted(&listing, span).is_none()
+        {
+            let quick = SurveyOptions {
+                settle: Duration::ZERO,
+                ..options.clone()
+            };
+            found = survey(node, model, &quick).await?;
+        }
+    }
+    Ok(found)
+}
+
+/// How often a survey waiting for hosts lists the servers again.
+const WAIT_POLL: Duration = Duration::from_millis(700);
