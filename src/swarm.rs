@@ -31,8 +31,9 @@ use std::time::{Duration, Instant};
 
 use swarm_core::{BlockRange, ModelId, NodeKey, ServerInfo};
 use swarm_dht::{
-    InferenceService, InferenceSession, LocalBlocks, Multiaddr, Node, NodeConfig, PeerId,
-    RelayMode, RouteStep, ServerChoice, SessionOptions, Survey, SurveyOptions, SwarmKey,
+    HostWait, InferenceService, InferenceSession, LocalBlocks, Multiaddr, Node, NodeConfig,
+    NodeIdentity, PeerId, RelayMode, RouteStep, ServerChoice, SessionOptions, Survey,
+    SurveyOptions, SwarmKey,
 };
 use swarm_score::{select, Overrides, Selection, SelectionPolicy, ServerId};
 use swarm_shard::{
@@ -56,6 +57,9 @@ struct SwarmSettings {
     swarm_key: Option<SwarmKey>,
     listen: Vec<Multiaddr>,
     key: Option<NodeKey>,
+    /// The claimed identity the key came from, held (locked) while the
+    /// node runs.
+    identity: Option<Arc<NodeIdentity>>,
 }
 
 impl SwarmSettings {
@@ -119,6 +123,14 @@ macro_rules! swarm_setters {
             self.swarm.key = Some(key);
             self
         }
+
+        /// The node's identity from a claimed key file, kept claimed (so
+        /// no other node takes it) for as long as the node runs.
+        pub fn identity(mut self, identity: NodeIdentity) -> Self {
+            self.swarm.key = Some(identity.key().clone());
+            self.swarm.identity = Some(Arc::new(identity));
+            self
+        }
     };
 }
 
@@ -158,7 +170,11 @@ impl TrackerBuilder {
         )
         .await?;
         let addrs = listening(&node).await?;
-        Ok(Tracker { node, addrs })
+        Ok(Tracker {
+            node,
+            addrs,
+            _identity: self.swarm.identity,
+        })
     }
 }
 
@@ -181,6 +197,7 @@ async fn listening(node: &Node) -> Result<Vec<Multiaddr>, SherpaError> {
 pub struct Tracker {
     node: Node,
     addrs: Vec<Multiaddr>,
+    _identity: Option<Arc<NodeIdentity>>,
 }
 
 impl Tracker {
@@ -358,7 +375,12 @@ impl ServerBuilder {
             }
         }
         let addrs = listening(&node).await?;
-        let announcer = swarm_dht::announce_periodically(
+        // Announced before `start` returns, so a client started as soon as
+        // the caller prints this server's address finds it.
+        if let Err(e) = swarm_dht::announce_once(&node, &key, &info, self.record_ttl).await {
+            tracing::warn!(error = %e, "the first announcement failed; retrying at the next refresh");
+        }
+        let announcer = swarm_dht::refresh_periodically(
             node.clone(),
             key.clone(),
             info.clone(),
@@ -375,6 +397,7 @@ impl ServerBuilder {
             bandwidth,
             record_ttl: self.record_ttl,
             service,
+            _identity: self.swarm.identity,
         })
     }
 }
@@ -403,6 +426,7 @@ pub struct Server {
     bandwidth: Option<swarm_dht::Bandwidth>,
     record_ttl: Duration,
     service: Arc<InferenceService>,
+    _identity: Option<Arc<NodeIdentity>>,
 }
 
 impl Server {
@@ -495,7 +519,54 @@ pub struct ClientBuilder {
     excluded: Vec<String>,
     survey: SurveyOptions,
     session: SessionOptions,
+    wait_for_hosts: Duration,
+    on_event: EventSink,
 }
+
+/// Something a [`Client`] reports while it works, for a user to see.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ClientEvent {
+    /// Blocks the client needs have no server yet; it waits for them.
+    WaitingForHosts(HostWait),
+}
+
+impl std::fmt::Display for ClientEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::WaitingForHosts(wait) => wait.fmt(f),
+        }
+    }
+}
+
+/// A callback for a client's events.
+type EventFn = dyn Fn(&ClientEvent) + Send + Sync;
+
+/// Where a client's events go.
+#[derive(Clone, Default)]
+struct EventSink(Option<Arc<EventFn>>);
+
+impl EventSink {
+    fn emit(&self, event: ClientEvent) {
+        match &self.0 {
+            Some(f) => f(&event),
+            None => tracing::info!("{event}"),
+        }
+    }
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "EventSink(..)"
+        } else {
+            "EventSink(log)"
+        })
+    }
+}
+
+/// How long a client waits by default for blocks that have no server yet.
+pub const DEFAULT_WAIT_FOR_HOSTS: Duration = Duration::from_secs(20);
 
 impl ClientBuilder {
     swarm_setters!();
@@ -535,6 +606,21 @@ impl ClientBuilder {
     /// How the client surveys servers before choosing.
     pub fn survey(mut self, options: SurveyOptions) -> Self {
         self.survey = options;
+        self
+    }
+
+    /// How long to wait for blocks that have no server yet (servers
+    /// started a moment ago may not have announced) before failing
+    /// [default: 20 s].
+    pub fn wait_for_hosts(mut self, wait: Duration) -> Self {
+        self.wait_for_hosts = wait;
+        self
+    }
+
+    /// Calls `f` with what the client reports while it works (e.g. which
+    /// blocks it waits for) [default: logged at info level].
+    pub fn on_event(mut self, f: impl Fn(&ClientEvent) + Send + Sync + 'static) -> Self {
+        self.on_event = EventSink(Some(Arc::new(f)));
         self
     }
 
@@ -591,6 +677,8 @@ impl ClientBuilder {
             excluded: self.excluded,
             survey_options: self.survey,
             session: self.session,
+            wait_for_hosts: self.wait_for_hosts,
+            on_event: self.on_event,
             survey: tokio::sync::Mutex::new(None),
         })
     }
@@ -610,6 +698,8 @@ pub struct Client {
     excluded: Vec<String>,
     survey_options: SurveyOptions,
     session: SessionOptions,
+    wait_for_hosts: Duration,
+    on_event: EventSink,
     survey: tokio::sync::Mutex<Option<(Instant, Survey)>>,
 }
 
@@ -655,6 +745,8 @@ impl Client {
             excluded: Vec::new(),
             survey: SurveyOptions::default(),
             session: SessionOptions::default(),
+            wait_for_hosts: DEFAULT_WAIT_FOR_HOSTS,
+            on_event: EventSink::default(),
         }
     }
 
@@ -683,15 +775,59 @@ impl Client {
         &self.head
     }
 
-    /// Surveys the model's servers (reusing a recent survey) and
-    /// auto-selects a covering set, honouring pins and exclusions.
+    /// The blocks servers must run: all but the client's own.
+    fn remote_span(&self) -> Result<BlockRange, SherpaError> {
+        let first = self.local.as_ref().map_or(0, |s| s.range().end());
+        Ok(BlockRange::new(
+            first,
+            self.head.config().num_hidden_layers as u32,
+        )?)
+    }
+
+    /// Surveys the model's servers (reusing a recent survey), waiting up to
+    /// [`ClientBuilder::wait_for_hosts`] for blocks without a server, and
+    /// auto-selects a covering set, honouring pins and exclusions. Fails
+    /// with [`swarm_dht::DhtError::NoHosts`] (saying what the swarm
+    /// serves, if not this model) when blocks still have no server.
     pub async fn plan(&self) -> Result<Plan, SherpaError> {
+        let span = self.remote_span()?;
         let mut cached = self.survey.lock().await;
         let survey = match cached.as_ref() {
-            Some((at, survey)) if at.elapsed() < SURVEY_MAX_AGE => survey.clone(),
+            Some((at, survey))
+                if at.elapsed() < SURVEY_MAX_AGE
+                    && swarm_dht::unhosted(&survey.listing, Some(span)).is_none() =>
+            {
+                survey.clone()
+            }
             _ => {
-                let survey =
-                    swarm_dht::survey(&self.node, &self.model, &self.survey_options).await?;
+                let events = self.on_event.clone();
+                let survey = swarm_dht::survey_hosted(
+                    &self.node,
+                    &self.model,
+                    &self.survey_options,
+                    Some(span),
+                    self.wait_for_hosts,
+                    &mut |wait| events.emit(ClientEvent::WaitingForHosts(wait.clone())),
+                )
+                .await?;
+                if let Some(missing) = swarm_dht::unhosted(&survey.listing, Some(span)) {
+                    let servers = survey.listing.servers.len();
+                    let serving = if servers == 0 {
+                        swarm_dht::served_models(&self.node)
+                            .await
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
+                    return Err(swarm_dht::DhtError::NoHosts {
+                        model: self.model.clone(),
+                        missing,
+                        servers,
+                        waited: self.wait_for_hosts,
+                        serving,
+                    }
+                    .into());
+                }
                 *cached = Some((Instant::now(), survey.clone()));
                 survey
             }
@@ -720,8 +856,7 @@ impl Client {
     pub async fn session(&self, max_length: usize) -> Result<InferenceSession, SherpaError> {
         let plan = self.plan().await?;
         let config = self.head.config();
-        let first = self.local.as_ref().map_or(0, |s| s.range().end());
-        let span = BlockRange::new(first, config.num_hidden_layers as u32)?;
+        let span = self.remote_span()?;
         let choice = ServerChoice {
             preferred: plan
                 .selection

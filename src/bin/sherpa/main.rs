@@ -163,9 +163,14 @@ struct NodesArgs {
     /// Skip the bandwidth probe (use the servers' own figures).
     #[arg(long)]
     no_probe: bool,
-    /// Model id to list.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    model: String,
+    /// Model to list: an id, or a model file (named as `serve` names it)
+    /// [default: smollm2-135m; when the swarm serves other models and not
+    /// that one, all of them are shown].
+    #[arg(long)]
+    model: Option<String>,
+    /// Seconds to wait for blocks that have no server yet.
+    #[arg(long, default_value_t = 20.0)]
+    wait: f64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -245,6 +250,10 @@ struct GenerateArgs {
     /// direct connection.
     #[arg(long)]
     no_direct: bool,
+    /// Seconds to wait for blocks that have no server yet (servers started
+    /// a moment ago may not have announced).
+    #[arg(long, default_value_t = 20.0)]
+    wait: f64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]

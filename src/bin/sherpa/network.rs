@@ -7,9 +7,13 @@ use std::time::Duration;
 use sherpa_swarm::core::infer::Dtype;
 use sherpa_swarm::core::{BlockRange, ModelId};
 use sherpa_swarm::dht::SessionOptions;
-use sherpa_swarm::dht::{self, Multiaddr, Node, NodeConfig, RelayMode, SurveyOptions, SwarmKey};
+use sherpa_swarm::dht::{
+    self, Multiaddr, Node, NodeConfig, NodeIdentity, RelayMode, Survey, SurveyOptions, SwarmKey,
+};
 use sherpa_swarm::model_store::{self, sherpa_home};
-use sherpa_swarm::score::{plan, select, Candidate, Overrides, RouteOptions, SelectionPolicy};
+use sherpa_swarm::score::{
+    plan, select, Candidate, Overrides, Route, RouteOptions, Selection, SelectionPolicy,
+};
 use sherpa_swarm::shard::{ChatMessage, GenerateOptions, ShardError, TextTokenizer};
 use sherpa_swarm::{Client, LocalSwarm, Server, SherpaError, Tracker};
 
@@ -85,13 +89,11 @@ pub(crate) fn tracker(
     data_dir: Option<PathBuf>,
     swarm_key_path: Option<PathBuf>,
 ) -> Result<(), SherpaError> {
-    let key =
-        dht::load_or_create_node_key(&data_dir.unwrap_or_else(|| sherpa_home().join("tracker")))
-            .map_err(net)?;
+    let identity = claim_identity(data_dir.unwrap_or_else(|| sherpa_home().join("tracker")))?;
     let swarm_key = swarm_key(swarm_key_path.as_deref())?;
     let listen = listen_addrs(&listen, 4343, swarm_key.is_some())?;
     runtime()?.block_on(async move {
-        let mut builder = Tracker::builder().key(key).swarm_key(swarm_key);
+        let mut builder = Tracker::builder().identity(identity).swarm_key(swarm_key);
         for addr in listen {
             builder = builder.listen(addr);
         }
@@ -102,6 +104,21 @@ pub(crate) fn tracker(
         tracker.shutdown().await;
         Ok(())
     })
+}
+
+/// Claims the node key in `dir` for this process. When other running nodes
+/// hold the directory's first keys, this one takes the next free key and
+/// says so: two nodes sharing an identity would hide each other.
+fn claim_identity(dir: PathBuf) -> Result<NodeIdentity, SherpaError> {
+    let identity = NodeIdentity::claim(&dir).map_err(net)?;
+    if let Some(held) = identity.skipped().first() {
+        eprintln!(
+            "{} is held by another running node; this one uses its own identity in {} (the same one each time it finds that key free)",
+            held.display(),
+            identity.path().display()
+        );
+    }
+    Ok(identity)
 }
 
 /// Where a node finds its swarm, from `--tracker` / `--lan`.
@@ -122,12 +139,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
         None => model_store::model_id(&args.model)?,
     };
     let path = model_store::resolve_model(&args.model, &mut crate::fetch_progress())?;
-    let key = dht::load_or_create_node_key(
-        &args
-            .data_dir
+    let identity = claim_identity(
+        args.data_dir
             .unwrap_or_else(|| sherpa_home().join("server")),
-    )
-    .map_err(net)?;
+    )?;
     let swarm_key = swarm_key(args.swarm.swarm_key.as_deref())?;
     let listen = listen_addrs(&args.listen, 0, swarm_key.is_some())?;
     let relay = match args.relay {
@@ -139,7 +154,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
     runtime()?.block_on(async move {
         let mut builder = Server::builder(path.to_string_lossy(), blocks)
             .model_id(model.clone())
-            .key(key)
+            .identity(identity)
             .lan(args.swarm.lan)
             .swarm_key(swarm_key)
             .relay(relay)
@@ -188,7 +203,13 @@ const PROBE_BYTES: u32 = 256 << 10;
 pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
     let lan = args.swarm.lan;
     let bootstrap = bootstrap(args.swarm.tracker.as_deref(), lan)?;
-    let model = ModelId::new(&args.model)?;
+    let explicit = args.model.is_some();
+    let model = match args.model.as_deref() {
+        // A model file names its model as `serve` names it.
+        Some(arg) if Path::new(arg).is_file() => model_store::model_id(arg)?,
+        Some(id) => ModelId::new(id)?,
+        None => ModelId::new(model_store::DEFAULT_MODEL)?,
+    };
     let key = dht::identity::ephemeral_node_key();
     let swarm_key = swarm_key(args.swarm.swarm_key.as_deref())?;
     runtime()?.block_on(async move {
@@ -204,25 +225,155 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
             .with_swarm_key(swarm_key)
             .with_relay(RelayMode::Never);
         let node = Node::start(config).await.map_err(net)?;
-        let options = SurveyOptions {
-            settle: Duration::from_secs(if lan { 8 } else { 4 }),
-            probe_bytes: (!args.no_probe).then_some(PROBE_BYTES),
-            ..SurveyOptions::default()
-        };
-        let survey = dht::survey(&node, &model, &options).await?;
+        let result = survey_and_show(&node, &model, explicit, &args).await;
         node.shutdown().await;
-        let (listing, candidates) = (&survey.listing, &survey.candidates);
+        result
+    })
+}
+
+/// What `sherpa nodes` surveys and prints: `model`'s servers, waiting
+/// for blocks without a host; when `model` has none, what the swarm
+/// serves instead (each model in full when `model` was the default).
+async fn survey_and_show(
+    node: &Node,
+    model: &ModelId,
+    explicit: bool,
+    args: &NodesArgs,
+) -> Result<(), SherpaError> {
+    let options = SurveyOptions {
+        settle: Duration::from_secs(if args.swarm.lan { 8 } else { 4 }),
+        probe_bytes: (!args.no_probe).then_some(PROBE_BYTES),
+        ..SurveyOptions::default()
+    };
+    let mut survey = dht::survey(node, model, &options).await?;
+    let mut served = Vec::new();
+    if survey.listing.servers.is_empty() {
+        served = dht::served_models(node).await?;
+    }
+    // Without --model, a swarm that serves other models than the default
+    // is shown as it is, with no wait for the default.
+    let show_all = !explicit && survey.listing.servers.is_empty() && !served.is_empty();
+    if !show_all && dht::unhosted(&survey.listing, None).is_some() {
+        let quick = SurveyOptions {
+            settle: Duration::ZERO,
+            ..options.clone()
+        };
+        survey = dht::survey_hosted(
+            node,
+            model,
+            &quick,
+            None,
+            Duration::from_secs_f64(args.wait.max(0.0)),
+            &mut |wait| eprintln!("{wait}"),
+        )
+        .await?;
+        if survey.listing.servers.is_empty() {
+            served = dht::served_models(node).await?;
+        }
+    }
+    let main = ModelReport::new(model.clone(), survey, &args.selection, !show_all)?;
+    let mut others = Vec::new();
+    if show_all {
+        for other in &served {
+            let survey = dht::survey(node, &other.model, &options).await?;
+            others.push(ModelReport::new(
+                other.model.clone(),
+                survey,
+                &args.selection,
+                false,
+            )?);
+        }
+    }
+    if args.json {
+        let mut json = main.view().json();
+        json["served_models"] = served
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "model": m.model.as_str(),
+                    "model_blocks": m.blocks,
+                    "servers": m.servers,
+                })
+            })
+            .collect::<Vec<_>>()
+            .into();
+        if show_all {
+            json["listings"] = others
+                .iter()
+                .map(|r| r.view().json())
+                .collect::<Vec<_>>()
+                .into();
+        }
+        println!("{json}");
+        return Ok(());
+    }
+    main.view().print();
+    if main.survey.listing.servers.is_empty() {
+        if served.is_empty() {
+            println!("the swarm serves no model yet");
+        } else {
+            println!("the swarm serves: {}", dht_list(&served));
+            if explicit {
+                println!("  (sherpa nodes --model ID lists one of them)");
+            }
+        }
+    }
+    for report in &others {
+        println!();
+        report.view().print();
+    }
+    Ok(())
+}
+
+fn dht_list<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One model's servers, selection and route, as `sherpa nodes` shows them.
+struct ModelReport {
+    model: ModelId,
+    survey: Survey,
+    selection: Option<Selection>,
+    /// The selected candidates and the route through them.
+    route: Option<(Vec<Candidate>, Route)>,
+}
+
+impl ModelReport {
+    /// Selects and routes over `survey`. With `strict`, a --pin or
+    /// --exclude naming no listed server is an error; otherwise (showing
+    /// several models) such names are passed over.
+    fn new(
+        model: ModelId,
+        survey: Survey,
+        selection_args: &crate::SelectionArgs,
+        strict: bool,
+    ) -> Result<Self, SherpaError> {
+        let named = |names: &[String]| -> Result<_, SherpaError> {
+            if strict {
+                return Ok(survey.ids_named(names)?);
+            }
+            let known: Vec<String> = names
+                .iter()
+                .filter(|n| survey.ids_named(std::slice::from_ref(*n)).is_ok())
+                .cloned()
+                .collect();
+            Ok(survey.ids_named(&known)?)
+        };
         let overrides = Overrides {
-            pinned: survey.ids_named(&args.selection.pin)?,
-            excluded: survey.ids_named(&args.selection.exclude)?,
+            pinned: named(&selection_args.pin)?,
+            excluded: named(&selection_args.exclude)?,
         };
         let policy = SelectionPolicy {
-            max_nodes: args.selection.max_nodes,
+            max_nodes: selection_args.max_nodes,
             ..SelectionPolicy::default()
         };
-        let blocks = listing.model_blocks();
+        let blocks = survey.model_blocks();
         let selection = if blocks > 0 {
-            Some(select(candidates, blocks, &policy, &overrides).map_err(net)?)
+            Some(select(&survey.candidates, blocks, &policy, &overrides).map_err(net)?)
         } else {
             None
         };
@@ -230,28 +381,31 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
             let chosen: Vec<Candidate> = sel
                 .selected
                 .iter()
-                .map(|&i| candidates[i].clone())
+                .map(|&i| survey.candidates[i].clone())
                 .collect();
             let span = BlockRange::new(0, blocks).ok()?;
             plan(&chosen, span, &RouteOptions::default(), &Default::default())
                 .ok()
                 .map(|route| (chosen, route))
         });
-        let view = NodesView {
-            model: &model,
-            blocks,
-            listing,
-            candidates,
-            selection: selection.as_ref(),
-            route: route.as_ref().map(|(c, r)| (c.as_slice(), r)),
-        };
-        if args.json {
-            println!("{}", view.json());
-        } else {
-            view.print();
+        Ok(Self {
+            model,
+            survey,
+            selection,
+            route,
+        })
+    }
+
+    fn view(&self) -> NodesView<'_> {
+        NodesView {
+            model: &self.model,
+            blocks: self.survey.model_blocks(),
+            listing: &self.survey.listing,
+            candidates: &self.survey.candidates,
+            selection: self.selection.as_ref(),
+            route: self.route.as_ref().map(|(c, r)| (c.as_slice(), r)),
         }
-        Ok(())
-    })
+    }
 }
 
 /// The peer-to-peer side of `sherpa generate`: a client joins the swarm,
@@ -272,6 +426,8 @@ pub(crate) fn generate(args: &GenerateArgs, options: GenerateOptions) -> Result<
             .local_blocks(args.local_blocks)
             .max_nodes(args.selection.max_nodes)
             .session(session_options(args))
+            .wait_for_hosts(Duration::from_secs_f64(args.wait.max(0.0)))
+            .on_event(|event| eprintln!("{event}"))
             .survey(SurveyOptions {
                 // mDNS answers take a second or two to arrive.
                 settle: Duration::from_secs(if args.lan { 8 } else { 4 }),
