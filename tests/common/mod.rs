@@ -120,3 +120,34 @@ pub fn spawn_first_line(cmd: &mut std::process::Command) -> (ChildGuard, String)
     let (guard, mut lines) = spawn_reading(cmd, |l| !l.is_empty());
     (guard, lines.pop().unwrap_or_default())
 }
+
+/// A fresh, empty `SHERPA_HOME` (no identities, no settings) that already
+/// holds the real model, as after the first `sherpa fetch-model`: tests of
+/// what a newcomer types start from it. The model is hard-linked (copied
+/// across file systems), so no test downloads it twice.
+pub fn fresh_home(name: &str) -> PathBuf {
+    let model = smollm2();
+    let home = std::env::temp_dir().join(format!("sherpa-home-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let models = home.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let file = model.file_name().unwrap();
+    if std::fs::hard_link(&model, models.join(file)).is_err() {
+        std::fs::copy(&model, models.join(file)).unwrap();
+    }
+    let stamp = model.with_extension("gguf.verified");
+    std::fs::copy(&stamp, models.join(stamp.file_name().unwrap())).unwrap();
+    home
+}
+
+/// Sends SIGINT (Ctrl-C) to a child and waits for it, requiring a clean exit.
+pub fn interrupt(child: &mut ChildGuard) {
+    let pid = child.0.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "exits cleanly on Ctrl-C: {status}");
+}
