@@ -25,7 +25,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn hop(c: &mut Criterion) {
     let rt = runtime();
-    let (server, _serving) = rt.block_on(echo_server()).unwrap();
+    let server = rt.block_on(echo_server()).unwrap();
     let (_client, mut session) = rt.block_on(echo_session(&server, true)).unwrap();
     assert!(session.is_direct(), "the echo session did not go direct");
     let (_client2, mut stream_session) = rt.block_on(echo_session(&server, false)).unwrap();

@@ -10,8 +10,10 @@
 //! [`model_store`], and the layers underneath are re-exported ([`dht`],
 //! [`score`], [`core`]).
 
+pub mod backend;
 pub mod bench;
 mod error;
+pub mod generate;
 pub mod hardware;
 pub mod model_store;
 pub mod swarm;

@@ -10,14 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use swarm_core::infer::{Dtype, OpenSession, Request, Response, INFER_VERSION};
-use swarm_core::tensor_frame::WireDType;
+use swarm_core::infer::{Dtype, OpenSession, INFER_VERSION};
 use swarm_core::{BlockRange, ModelId};
-use swarm_dht::direct::DirectHub;
-use swarm_dht::session::{next_request, settle_link, INFER_STREAM};
-use swarm_dht::wire::{read_frame, read_message, write_message, write_tensor_message};
-use swarm_dht::{Node, NodeConfig, RemoteSession};
+use swarm_dht::{
+    BackendError, InferenceService, Node, NodeConfig, RemoteSession, SpanBackend, SpanState,
+};
 use swarm_shard::{
     BlockPipeline, Device, GenerateOptions, Generator, LocalModel, ModelFiles, WeightPrecision,
 };
@@ -34,61 +31,69 @@ fn net(e: impl std::fmt::Display) -> SherpaError {
 }
 
 /// A node answering inference sessions by sending every step's input
-/// straight back: a hop whose round trip is the protocol's cost alone.
-/// It offers direct connections as servers do.
-pub async fn echo_server() -> Result<(Node, tokio::task::JoinHandle<()>), SherpaError> {
-    let node = Node::start(NodeConfig::new(swarm_dht::identity::ephemeral_node_key())).await?;
-    let mut incoming = node.accept(INFER_STREAM)?;
-    let (hub, listener) = DirectHub::listen([127, 0, 0, 1].into(), 0).await?;
-    let task = tokio::spawn(async move {
-        while let Some((_, stream)) = incoming.next().await {
-            tokio::spawn(echo(stream, hub.clone()));
-        }
-        listener.abort();
-    });
-    Ok((node, task))
+/// straight back: a hop whose round trip is the protocol's cost alone. It
+/// runs the servers' own session loop on an [`EchoBackend`], and offers
+/// direct connections as servers do.
+pub async fn echo_server() -> Result<Node, SherpaError> {
+    let backend = EchoBackend {
+        blocks: BlockRange::new(0, 1)?,
+    };
+    let service = InferenceService::new(ModelId::new("echo")?, Arc::new(backend));
+    let node = Node::start(
+        NodeConfig::new(swarm_dht::identity::ephemeral_node_key())
+            .with_inference(Arc::new(service)),
+    )
+    .await?;
+    Ok(node)
 }
 
-async fn echo(mut stream: swarm_dht::Stream, hub: DirectHub) {
-    let idle = Duration::from_secs(60);
-    let Ok(Some(Request::Open(open))) = read_message::<_, Request>(&mut stream).await else {
-        return;
-    };
-    let (offer, ticket) = if open.direct { hub.offer() } else { None }.unzip();
-    let opened = Response::Opened {
-        hidden: ACTIVATION_VALUES as u32,
-        cache_tokens_free: u64::from(open.max_length),
-        direct: offer,
-    };
-    if write_message(&mut stream, &opened, None).await.is_err() {
-        return;
+/// A span that computes nothing: its output is its input.
+#[derive(Debug)]
+pub struct EchoBackend {
+    blocks: BlockRange,
+}
+
+impl SpanBackend for EchoBackend {
+    fn blocks(&self) -> BlockRange {
+        self.blocks
     }
-    let Ok((mut link, mut first)) = settle_link(stream, ticket, idle).await else {
-        return;
-    };
-    let dtype = WireDType::from(open.dtype);
-    loop {
-        let request = match first.take() {
-            Some(request) => request,
-            None => match next_request(&mut link, idle).await {
-                Ok(Some(request)) => request,
-                _ => return,
-            },
-        };
-        let Request::Step { positions, .. } = request else {
-            return;
-        };
-        let n = positions as usize;
-        let Ok((dims, values)) = read_frame(&mut link, n * ACTIVATION_VALUES).await else {
-            return;
-        };
-        let stepped = Response::Stepped { positions };
-        if write_tensor_message(&mut link, &stepped, &values, &dims, dtype)
-            .await
-            .is_err()
-        {
-            return;
-        }
+
+    fn hidden_size(&self) -> usize {
+        ACTIVATION_VALUES
+    }
+
+    fn context_length(&self) -> usize {
+        u32::MAX as usize
+    }
+
+    fn free_positions(&self, _blocks: BlockRange) -> u64 {
+        u64::MAX
+    }
+
+    fn open(
+        &self,
+        _blocks: BlockRange,
+        _max_length: usize,
+    ) -> Result<Box<dyn SpanState>, BackendError> {
+        Ok(Box::new(Echo(0)))
+    }
+}
+
+/// An echo session: how many positions went through.
+struct Echo(usize);
+
+impl SpanState for Echo {
+    fn len(&self) -> usize {
+        self.0
+    }
+
+    fn truncate(&mut self, keep: usize) {
+        self.0 = self.0.min(keep);
+    }
+
+    fn forward(&mut self, values: Vec<f32>, positions: usize) -> Result<Vec<f32>, BackendError> {
+        self.0 += positions;
+        Ok(values)
     }
 }
 
@@ -172,7 +177,7 @@ async fn hop_overhead(
     report: &mut (dyn FnMut(BenchRecord) + Send),
 ) -> Result<(), SherpaError> {
     const ROUNDS: usize = 200;
-    let (server, serving) = echo_server().await?;
+    let server = echo_server().await?;
     let (client, mut direct) = echo_session(&server, true).await?;
     if !direct.is_direct() {
         return Err(net(
@@ -227,7 +232,6 @@ async fn hop_overhead(
     client.shutdown().await;
     client2.shutdown().await;
     server.shutdown().await;
-    serving.abort();
     tcp_task.abort();
     Ok(())
 }
@@ -279,7 +283,7 @@ async fn distributed_decode(
         loop {
             let started = Instant::now();
             let Some(x) = remote.pending()? else { break };
-            let out = session.forward(&x).await?;
+            let out = crate::generate::forward(&mut session, &x).await?;
             remote.advance(&out)?;
             let r = started.elapsed();
             let started = Instant::now();

@@ -9,8 +9,8 @@
 //! steps as before (so their KV caches hold exactly what the lost server's
 //! held), and carries on: the output is the same as without the failure.
 //!
-//! [`generate`] runs a whole generation: embeddings, optional local blocks
-//! and the LM head on the client, the rest through the session.
+//! The session moves hidden states only; the facade's generation loop runs
+//! the embeddings, any local blocks and the LM head around it.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -18,10 +18,6 @@ use std::time::{Duration, Instant};
 use swarm_core::infer::{Dtype, OpenSession, INFER_VERSION};
 use swarm_core::{BlockRange, ModelId};
 use swarm_score::{plan, Candidate, RouteOptions, ServerId};
-use swarm_shard::{
-    BlockShard, ClientHead, DType, GenerateOptions, GenerationOutput, Generator, SessionCache,
-    ShardError, Tensor,
-};
 
 use crate::error::DhtError;
 use crate::node::Node;
@@ -204,19 +200,6 @@ impl InferenceSession {
     /// Whether no position has run yet.
     pub fn is_empty(&self) -> bool {
         self.positions == 0
-    }
-
-    /// [`InferenceSession::step`] on a tensor of shape (1, positions,
-    /// hidden), on the device of `x`.
-    pub async fn forward(&mut self, x: &Tensor) -> Result<Tensor, DhtError> {
-        let (_, n, hidden) = x.dims3().map_err(ShardError::from)?;
-        let values = x
-            .flatten_all()
-            .and_then(|t| t.to_dtype(DType::F32))
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(ShardError::from)?;
-        let out = self.step(&values).await?;
-        Ok(Tensor::from_vec(out, (1, n, hidden), x.device()).map_err(ShardError::from)?)
     }
 
     /// Runs the span on `hidden_states` (positions x hidden values) and
@@ -474,50 +457,4 @@ async fn replay(
         }
     }
     Ok(())
-}
-
-/// Blocks the client runs itself before the remote ones (`local_blocks`).
-#[derive(Debug)]
-pub struct LocalBlocks {
-    shard: std::sync::Arc<BlockShard>,
-    cache: SessionCache,
-}
-
-impl LocalBlocks {
-    /// A session over `shard` with room for `max_length` positions.
-    pub fn new(shard: std::sync::Arc<BlockShard>, max_length: usize) -> Result<Self, DhtError> {
-        let cache = shard.new_session(max_length, &swarm_shard::CacheBudget::unlimited())?;
-        Ok(Self { shard, cache })
-    }
-
-    /// The blocks run locally.
-    pub fn range(&self) -> BlockRange {
-        self.shard.range()
-    }
-}
-
-/// Generates from `prompt` ids: embeddings, `local` blocks and the LM head
-/// here, the remaining blocks through `session`. `on_token` sees each new
-/// id as it is chosen and may return `false` to stop.
-pub async fn generate(
-    head: &ClientHead,
-    mut local: Option<&mut LocalBlocks>,
-    session: &mut InferenceSession,
-    prompt: &[u32],
-    options: &GenerateOptions,
-    on_token: &mut (dyn FnMut(u32) -> Result<bool, ShardError> + Send),
-) -> Result<GenerationOutput, DhtError> {
-    let mut generator = Generator::new(head, prompt, options)?;
-    while let Some(x) = generator.pending()? {
-        let x = match local.as_deref_mut() {
-            Some(l) => l.shard.forward(&x, &mut l.cache)?,
-            None => x,
-        };
-        let out = session.forward(&x).await?;
-        let next = generator.advance(&out)?;
-        if !on_token(next)? {
-            generator.stop();
-        }
-    }
-    Ok(generator.finish())
 }

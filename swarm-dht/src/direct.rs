@@ -422,7 +422,7 @@ impl Drop for AddressTurn {
 
 /// A server's direct listener and the offers it waits on.
 #[derive(Clone)]
-pub struct DirectHub {
+pub(crate) struct DirectHub {
     port: u16,
     pending: Arc<Mutex<HashMap<[u8; 16], Pending>>>,
 }

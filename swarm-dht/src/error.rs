@@ -58,9 +58,6 @@ pub enum DhtError {
     /// No listed server has this name or peer id.
     #[error("no listed server is called {0:?} (use a name or peer id from `sherpa nodes`)")]
     UnknownServer(String),
-    /// The client's own part of the model failed.
-    #[error(transparent)]
-    Shard(#[from] swarm_shard::ShardError),
     /// Invalid shared values (records, messages).
     #[error(transparent)]
     Core(#[from] swarm_core::CoreError),

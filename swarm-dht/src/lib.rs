@@ -14,6 +14,7 @@
 
 pub mod admission;
 pub mod announce;
+pub mod backend;
 pub mod catalog;
 pub mod client;
 pub mod direct;
@@ -27,10 +28,9 @@ pub mod survey;
 pub mod wire;
 
 pub use announce::{announce_once, announce_periodically, now_ms, refresh_periodically, withdraw};
+pub use backend::{BackendError, SpanBackend, SpanState};
 pub use catalog::{served_models, ServedModel};
-pub use client::{
-    generate, Failover, InferenceSession, LocalBlocks, RouteStep, ServerChoice, SessionOptions,
-};
+pub use client::{Failover, InferenceSession, RouteStep, ServerChoice, SessionOptions};
 pub use error::DhtError;
 pub use identity::{load_or_create_node_key, NodeIdentity, SwarmKey};
 pub use libp2p::{multiaddr, Multiaddr, PeerId, Stream, StreamProtocol};

@@ -20,8 +20,8 @@ use libp2p::StreamProtocol;
 use swarm_core::infer::{Dtype, OpenSession, Refusal, Request, Response, INFER_VERSION};
 use swarm_core::tensor_frame::WireDType;
 use swarm_core::ModelId;
-use swarm_shard::{BlockShard, CacheBudget, DType, Device, SessionCache, Tensor};
 
+use crate::backend::{BackendError, SpanBackend, SpanState};
 use crate::direct::{DirectHub, DirectLink};
 use crate::error::DhtError;
 use crate::wire::{read_frame, read_message, write_message, write_tensor_message};
@@ -32,41 +32,58 @@ pub const INFER_STREAM: StreamProtocol = StreamProtocol::new(crate::INFER_PROTOC
 /// Most positions one step may carry (a long prompt's prefill).
 pub const MAX_STEP_POSITIONS: usize = 8192;
 
-/// A server's inference service: the model span it computes and the
-/// memory its sessions may use.
+/// A server's inference service: the span it computes (any
+/// [`SpanBackend`]) and the sessions it runs on it.
 pub struct InferenceService {
     model: ModelId,
-    shard: Arc<BlockShard>,
-    budget: Arc<CacheBudget>,
+    backend: Arc<dyn SpanBackend>,
     idle_timeout: Duration,
     direct: Option<u16>,
     hub: OnceLock<DirectHub>,
     pace: Pace,
+    sessions: AtomicUsize,
 }
 
 impl std::fmt::Debug for InferenceService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InferenceService")
             .field("model", &self.model)
-            .field("blocks", &self.shard.range())
-            .field("cache_limit", &self.budget.limit())
+            .field("backend", &self.backend)
             .finish_non_exhaustive()
     }
 }
 
 impl InferenceService {
-    /// Serves `shard` of `model` with session caches drawn from `budget`;
-    /// sessions idle for 60 s are closed.
-    pub fn new(model: ModelId, shard: Arc<BlockShard>, budget: Arc<CacheBudget>) -> Self {
+    /// Serves `backend`'s span of `model`; sessions idle for 60 s are
+    /// closed.
+    pub fn new(model: ModelId, backend: Arc<dyn SpanBackend>) -> Self {
         Self {
             model,
-            shard,
-            budget,
+            backend,
             idle_timeout: Duration::from_secs(60),
             direct: Some(0),
             hub: OnceLock::new(),
             pace: Pace::default(),
+            sessions: AtomicUsize::new(0),
         }
+    }
+
+    /// The span it computes.
+    pub fn backend(&self) -> &Arc<dyn SpanBackend> {
+        &self.backend
+    }
+
+    /// Sessions open now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Blocks x tokens per second, from the steps computed so far (`None`
+    /// before the first).
+    pub fn measured_throughput(&self) -> Option<f64> {
+        self.pace
+            .expect(1)
+            .map(|per| 1.0 / per.as_secs_f64().max(1e-9))
     }
 
     /// Offers clients direct connections for their sessions on this TCP
@@ -97,9 +114,9 @@ impl InferenceService {
         self
     }
 
-    /// Cache bytes still free for new sessions.
-    pub fn cache_free(&self) -> u64 {
-        self.budget.available()
+    /// Positions a new session over the whole span could still reserve.
+    pub fn free_positions(&self) -> u64 {
+        self.backend.free_positions(self.backend.blocks())
     }
 
     /// Serves sessions arriving on `incoming` until the node stops; when
@@ -124,8 +141,8 @@ impl InferenceService {
     }
 
     fn refuse_open(&self, open: &OpenSession) -> Option<Refusal> {
-        let hosted = self.shard.range();
-        let context = self.shard.config().max_position_embeddings;
+        let hosted = self.backend.blocks();
+        let context = self.backend.context_length();
         if open.version != INFER_VERSION {
             Some(Refusal::Version {
                 supported: INFER_VERSION,
@@ -160,20 +177,12 @@ impl InferenceService {
         if let Some(refusal) = self.refuse_open(&open) {
             return write_message(&mut stream, &Response::Refused(refusal), None).await;
         }
-        let cfg = self.shard.config();
-        let hidden = cfg.hidden_size;
+        let hidden = self.backend.hidden_size();
         let max_length = open.max_length as usize;
-        let per_token = SessionCache::bytes_needed(cfg, open.blocks, 1, DType::F32).max(1);
-        let mut cache = match self
-            .shard
-            .new_session_for(open.blocks, max_length, &self.budget)
-        {
-            Ok(cache) => cache,
-            Err(swarm_shard::ShardError::CacheBudgetExceeded { .. }) => {
-                let refusal = Refusal::Busy {
-                    needed: open.max_length,
-                    free: self.budget.available() / per_token,
-                };
+        let mut state = match self.backend.open(open.blocks, max_length) {
+            Ok(state) => state,
+            Err(BackendError::Busy { needed, free }) => {
+                let refusal = Refusal::Busy { needed, free };
                 return write_message(&mut stream, &Response::Refused(refusal), None).await;
             }
             // `refuse_open` checked blocks and length, so this is not
@@ -185,6 +194,7 @@ impl InferenceService {
                 return write_message(&mut stream, &failed, None).await;
             }
         };
+        let _open = Counted::new(&self.sessions);
         let offer = match self.hub.get() {
             Some(hub) if open.direct => hub.offer(),
             _ => None,
@@ -192,7 +202,7 @@ impl InferenceService {
         let (offer, ticket) = offer.unzip();
         let opened = Response::Opened {
             hidden: hidden as u32,
-            cache_tokens_free: self.budget.available() / per_token,
+            cache_tokens_free: self.backend.free_positions(open.blocks),
             direct: offer,
         };
         write_message(&mut stream, &opened, None).await?;
@@ -209,7 +219,7 @@ impl InferenceService {
                     write_message(&mut link, &Response::Refused(Refusal::Unexpected), None).await?;
                 }
                 Some(Request::Truncate { keep }) => {
-                    cache.truncate(keep as usize);
+                    state.truncate(keep as usize);
                     write_message(&mut link, &Response::Truncated, None).await?;
                 }
                 Some(Request::Step { start, positions }) => {
@@ -219,23 +229,22 @@ impl InferenceService {
                     // announced.
                     let announced = n.min(MAX_STEP_POSITIONS) * hidden;
                     let (dims, values) = read_frame(&mut link, announced).await?;
-                    let continues = start as usize == cache.len()
+                    let continues = start as usize == state.len()
                         && n > 0
                         && n <= MAX_STEP_POSITIONS
-                        && cache.len() + n <= max_length
+                        && state.len() + n <= max_length
                         && dims == [1, n, hidden];
                     if !continues {
                         let refusal = Refusal::BadStep {
-                            expected_start: cache.len() as u32,
+                            expected_start: state.len() as u32,
                             max_length: open.max_length,
                         };
                         write_message(&mut link, &Response::Refused(refusal), None).await?;
                         continue;
                     }
                     let work = n * open.blocks.len() as usize;
-                    let (out, back) =
-                        compute(&self.shard, values, n, hidden, cache, &self.pace, work).await?;
-                    cache = back;
+                    let (out, back) = compute(values, n, state, &self.pace, work).await?;
+                    state = back;
                     match out {
                         Ok(out) => {
                             let stepped = Response::Stepped { positions };
@@ -268,10 +277,22 @@ struct Pace {
     running: AtomicUsize,
 }
 
-/// A step counted in [`Pace::running`] until dropped.
-struct Running<'a>(&'a AtomicUsize);
+/// One more in a counter (steps under way, sessions open) until dropped.
+struct Counted<'a>(&'a AtomicUsize);
 
-impl Drop for Running<'_> {
+impl<'a> Counted<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        Self::enter(counter).0
+    }
+
+    /// Counts one more, and says how many there were before.
+    fn enter(counter: &'a AtomicUsize) -> (Self, usize) {
+        let before = counter.fetch_add(1, Ordering::AcqRel);
+        (Self(counter), before)
+    }
+}
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -312,34 +333,17 @@ impl Pace {
 /// `block_in_place` so the worker's other tasks move elsewhere meanwhile,
 /// or to the blocking pool on a current-thread runtime.
 async fn compute(
-    shard: &Arc<BlockShard>,
     values: Vec<f32>,
     n: usize,
-    hidden: usize,
-    mut cache: SessionCache,
+    mut state: Box<dyn SpanState>,
     pace: &Pace,
     work: usize,
-) -> Result<(Result<Vec<f32>, String>, SessionCache), DhtError> {
-    fn run(
-        shard: &BlockShard,
-        values: Vec<f32>,
-        n: usize,
-        hidden: usize,
-        cache: &mut SessionCache,
-    ) -> Result<Vec<f32>, String> {
-        let input = Tensor::from_vec(values, (1, n, hidden), &Device::Cpu)
-            .and_then(|t| t.to_device(shard.device()))
-            .map_err(|e| e.to_string())?;
-        let output = shard.forward(&input, cache).map_err(|e| e.to_string())?;
-        output
-            .flatten_all()
-            .and_then(|t| t.to_dtype(DType::F32))
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| e.to_string())
+) -> Result<(Result<Vec<f32>, String>, Box<dyn SpanState>), DhtError> {
+    fn run(state: &mut dyn SpanState, values: Vec<f32>, n: usize) -> Result<Vec<f32>, String> {
+        state.forward(values, n).map_err(|e| e.to_string())
     }
     let started = Instant::now();
-    let others = pace.running.fetch_add(1, Ordering::AcqRel);
-    let _running = Running(&pace.running);
+    let (_running, others) = Counted::enter(&pace.running);
     // With other steps under way the workers are needed to keep the node
     // answering, so only a server's lone step runs inline.
     let short = others == 0 && pace.expect(work).is_some_and(|t| t <= INLINE_STEP);
@@ -348,16 +352,15 @@ async fn compute(
         tokio::runtime::RuntimeFlavor::MultiThread
     );
     let out = if short {
-        (run(shard, values, n, hidden, &mut cache), cache)
+        (run(state.as_mut(), values, n), state)
     } else if multi_threaded {
-        let out = tokio::task::block_in_place(|| run(shard, values, n, hidden, &mut cache));
-        (out, cache)
+        let out = tokio::task::block_in_place(|| run(state.as_mut(), values, n));
+        (out, state)
     } else {
         // A current-thread runtime cannot give its only thread away.
-        let shard = shard.clone();
         tokio::task::spawn_blocking(move || {
-            let out = run(&shard, values, n, hidden, &mut cache);
-            (out, cache)
+            let out = run(state.as_mut(), values, n);
+            (out, state)
         })
         .await
         .map_err(|e| DhtError::Transport(format!("session task: {e}")))?
@@ -371,7 +374,7 @@ async fn compute(
 /// Where a session goes on after the server's `Opened`: onto the direct
 /// connection if the client makes it, or on its stream if the client's
 /// next message comes there instead (returned with it).
-pub async fn settle_link(
+pub(crate) async fn settle_link(
     mut stream: libp2p::Stream,
     ticket: Option<crate::direct::OfferTicket>,
     idle: Duration,
@@ -460,7 +463,7 @@ impl AsyncWrite for Link {
 }
 
 /// The client's next message, or a timeout when it goes quiet.
-pub async fn next_request<S: AsyncRead + Unpin>(
+pub(crate) async fn next_request<S: AsyncRead + Unpin>(
     stream: &mut S,
     idle: Duration,
 ) -> Result<Option<Request>, DhtError> {

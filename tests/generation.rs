@@ -14,14 +14,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use sherpa_swarm::backend::ShardBackend;
+use sherpa_swarm::generate::{generate, LocalBlocks};
+use sherpa_swarm::SherpaError;
 use swarm_core::infer::{Dtype, Request, Response};
 use swarm_core::tensor_frame::WireDType;
 use swarm_core::{BlockRange, ModelId, NodeKey, ServerInfo};
 use swarm_dht::session::INFER_STREAM;
 use swarm_dht::wire::{frame, read_frame, read_message, write_message};
 use swarm_dht::{
-    announce_periodically, survey, DhtError, InferenceService, InferenceSession, LocalBlocks,
-    Multiaddr, Node, NodeConfig, ServerChoice, SessionOptions, SurveyOptions,
+    announce_periodically, survey, DhtError, InferenceService, InferenceSession, Multiaddr, Node,
+    NodeConfig, ServerChoice, SessionOptions, SurveyOptions,
 };
 use swarm_shard::tiny::{GgmlDType, TinyModelSpec};
 use swarm_shard::{
@@ -113,7 +116,8 @@ impl Swarm {
         );
         let per_session = SessionCache::bytes_needed(self.files.config(), blocks, 64, DType::F32);
         let budget = CacheBudget::new(per_session * sessions);
-        let service = InferenceService::new(model(), shard, budget.clone());
+        let backend = ShardBackend::new(shard, budget.clone());
+        let service = InferenceService::new(model(), Arc::new(backend));
         let k = key(i);
         let node = Node::start(
             NodeConfig::new(k.clone())
@@ -307,7 +311,7 @@ async fn a_chain_of_servers_generates_what_the_local_model_does() {
         let route: Vec<_> = session.route().iter().map(|s| s.name.clone()).collect();
         assert_eq!(route, ["a", "b", "c"]);
         let mut streamed = Vec::new();
-        let got = swarm_dht::generate(
+        let got = generate(
             &head,
             None,
             &mut session,
@@ -341,7 +345,7 @@ async fn a_chain_of_servers_generates_what_the_local_model_does() {
     let mut local = LocalBlocks::new(shard, 64).unwrap();
     let mut session = swarm.session(&client, 3, range(1, 6), short()).await;
     assert_eq!(session.route()[0].blocks, range(1, 2));
-    let got = swarm_dht::generate(
+    let got = generate(
         &head,
         Some(&mut local),
         &mut session,
@@ -384,7 +388,7 @@ async fn a_server_lost_mid_generation_is_replaced_and_nothing_changes() {
         .unwrap();
     let handle = tokio::runtime::Handle::current();
     let mut count = 0;
-    let got = swarm_dht::generate(
+    let got = generate(
         &head,
         None,
         &mut session,
@@ -467,7 +471,7 @@ async fn garbage_and_stalled_servers_are_replaced() {
     };
     let mut session = swarm.session(&client, 5, range(0, 6), opts).await;
     assert_eq!(session.route()[0].name, "stall");
-    let got = swarm_dht::generate(
+    let got = generate(
         &head,
         None,
         &mut session,
@@ -544,11 +548,10 @@ async fn a_hundred_sessions_stay_within_one_servers_budget() {
                 opts,
             )
             .await?;
-            let out =
-                swarm_dht::generate(&head, None, &mut session, &PROMPT, &options(8), &mut |_| {
-                    Ok(true)
-                })
-                .await;
+            let out = generate(&head, None, &mut session, &PROMPT, &options(8), &mut |_| {
+                Ok(true)
+            })
+            .await;
             session.close().await;
             out.map(|o| o.tokens)
         });
@@ -560,7 +563,7 @@ async fn a_hundred_sessions_stay_within_one_servers_budget() {
                 assert_eq!(tokens, want, "an accepted session finishes correctly");
                 finished += 1;
             }
-            Err(DhtError::NoRoute(why)) => {
+            Err(SherpaError::Dht(DhtError::NoRoute(why))) => {
                 // The only server refused: the reason says it is full.
                 assert!(why.contains("only: refused: the server is full"), "{why}");
                 refused += 1;

@@ -10,6 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sherpa_swarm::backend::ShardBackend;
 use swarm_core::infer::{Dtype, OpenSession, Refusal, INFER_VERSION};
 use swarm_core::{BlockRange, ModelId, NodeKey};
 use swarm_dht::{DhtError, InferenceService, Node, NodeConfig};
@@ -63,8 +64,11 @@ async fn setup(name: &str, budget_sessions: u64, idle: Duration) -> Setup {
         DType::F32,
     );
     let budget = CacheBudget::new(per_session * budget_sessions);
-    let service =
-        InferenceService::new(model(), shard.clone(), budget.clone()).with_idle_timeout(idle);
+    let service = InferenceService::new(
+        model(),
+        Arc::new(ShardBackend::new(shard.clone(), budget.clone())),
+    )
+    .with_idle_timeout(idle);
     let server = Node::start(NodeConfig::new(key(1)).with_inference(Arc::new(service)))
         .await
         .unwrap();

@@ -1,0 +1,494 @@
+//! A client: the model's head, server selection, and generation through
+//! the swarm.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use swarm_core::{BlockRange, ModelId, NodeKey};
+use swarm_dht::{
+    HostWait, InferenceSession, Multiaddr, Node, NodeIdentity, RelayMode, RouteStep, ServerChoice,
+    SessionOptions, Survey, SurveyOptions, SwarmKey,
+};
+use swarm_score::{select, Overrides, Selection, SelectionPolicy, ServerId};
+use swarm_shard::{
+    BlockShard, ChatMessage, ClientHead, Device, GenerateOptions, GenerationOutput, ModelFiles,
+    ShardError, TextTokenizer, WeightPrecision,
+};
+
+use crate::generate::LocalBlocks;
+use crate::model_store;
+use crate::SherpaError;
+
+use super::{blocking, SwarmSettings};
+
+/// Builds a [`Client`].
+#[derive(Debug)]
+pub struct ClientBuilder {
+    model: String,
+    model_id: Option<ModelId>,
+    swarm: SwarmSettings,
+    local_blocks: u32,
+    max_nodes: usize,
+    pinned: Vec<String>,
+    excluded: Vec<String>,
+    survey: SurveyOptions,
+    session: SessionOptions,
+    wait_for_hosts: Duration,
+    on_event: EventSink,
+}
+
+/// Something a [`Client`] reports while it works, for a user to see.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ClientEvent {
+    /// Blocks the client needs have no server yet; it waits for them.
+    WaitingForHosts(HostWait),
+}
+
+impl std::fmt::Display for ClientEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::WaitingForHosts(wait) => wait.fmt(f),
+        }
+    }
+}
+
+/// A callback for a client's events.
+type EventFn = dyn Fn(&ClientEvent) + Send + Sync;
+
+/// Where a client's events go.
+#[derive(Clone, Default)]
+struct EventSink(Option<Arc<EventFn>>);
+
+impl EventSink {
+    fn emit(&self, event: ClientEvent) {
+        match &self.0 {
+            Some(f) => f(&event),
+            None => tracing::info!("{event}"),
+        }
+    }
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "EventSink(..)"
+        } else {
+            "EventSink(log)"
+        })
+    }
+}
+
+/// How long a client waits by default for blocks that have no server yet.
+pub const DEFAULT_WAIT_FOR_HOSTS: Duration = Duration::from_secs(20);
+
+impl ClientBuilder {
+    swarm_setters!();
+
+    /// The id the swarm knows the model by [default: the known name or
+    /// the file stem].
+    pub fn model_id(mut self, id: ModelId) -> Self {
+        self.model_id = Some(id);
+        self
+    }
+
+    /// Runs the first `k` blocks on the client too, so no server sees the
+    /// embeddings of the prompt [default: 0].
+    pub fn local_blocks(mut self, k: u32) -> Self {
+        self.local_blocks = k;
+        self
+    }
+
+    /// How many servers to auto-select [default: 10].
+    pub fn max_nodes(mut self, n: usize) -> Self {
+        self.max_nodes = n;
+        self
+    }
+
+    /// Always selects this server (public name or peer id; repeatable).
+    pub fn pin(mut self, name: impl Into<String>) -> Self {
+        self.pinned.push(name.into());
+        self
+    }
+
+    /// Never uses this server (public name or peer id; repeatable).
+    pub fn exclude(mut self, name: impl Into<String>) -> Self {
+        self.excluded.push(name.into());
+        self
+    }
+
+    /// How the client surveys servers before choosing.
+    pub fn survey(mut self, options: SurveyOptions) -> Self {
+        self.survey = options;
+        self
+    }
+
+    /// How long to wait for blocks that have no server yet (servers
+    /// started a moment ago may not have announced) before failing
+    /// [default: 20 s].
+    pub fn wait_for_hosts(mut self, wait: Duration) -> Self {
+        self.wait_for_hosts = wait;
+        self
+    }
+
+    /// Calls `f` with what the client reports while it works (e.g. which
+    /// blocks it waits for) [default: logged at info level].
+    pub fn on_event(mut self, f: impl Fn(&ClientEvent) + Send + Sync + 'static) -> Self {
+        self.on_event = EventSink(Some(Arc::new(f)));
+        self
+    }
+
+    /// Wire dtype, step timeout and failover limit of its sessions
+    /// (`max_length` is set per generation).
+    pub fn session(mut self, options: SessionOptions) -> Self {
+        self.session = options;
+        self
+    }
+
+    /// Loads the client's part of the model and joins the swarm.
+    pub async fn start(self) -> Result<Client, SherpaError> {
+        self.swarm.check()?;
+        let (model_arg, local) = (self.model.clone(), self.local_blocks);
+        let (head, tokenizer, shard) = blocking(move || {
+            let path = model_store::resolve_model(&model_arg, &mut |_| {})?;
+            let files = ModelFiles::open(&path)?;
+            let blocks = files.config().num_hidden_layers as u32;
+            if local >= blocks {
+                return Err(SherpaError::Shard(ShardError::BadSettings(format!(
+                    "local_blocks must be less than the model's {blocks} blocks, so servers run the rest"
+                ))));
+            }
+            let head = ClientHead::load(&files, &Device::Cpu, WeightPrecision::Native)?;
+            let tokenizer = TextTokenizer::from_model(&files).ok();
+            let shard = match local {
+                0 => None,
+                k => Some(Arc::new(BlockShard::load(
+                    &files,
+                    BlockRange::new(0, k)?,
+                    &Device::Cpu,
+                    WeightPrecision::Native,
+                )?)),
+            };
+            Ok((Arc::new(head), tokenizer, shard))
+        })
+        .await?;
+        let model = match self.model_id.clone() {
+            Some(id) => id,
+            None => model_store::model_id(&self.model)?,
+        };
+        let node = Node::start(self.swarm.config().with_relay(RelayMode::Never)).await?;
+        Ok(Client {
+            node,
+            model,
+            head,
+            tokenizer,
+            local: shard,
+            policy: SelectionPolicy {
+                max_nodes: self.max_nodes,
+                ..SelectionPolicy::default()
+            },
+            pinned: self.pinned,
+            excluded: self.excluded,
+            survey_options: self.survey,
+            session: self.session,
+            wait_for_hosts: self.wait_for_hosts,
+            on_event: self.on_event,
+            survey: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+/// A client: holds the embeddings, LM head and tokenizer (plus any local
+/// blocks), chooses servers and generates through them.
+#[derive(Debug)]
+pub struct Client {
+    node: Node,
+    model: ModelId,
+    head: Arc<ClientHead>,
+    tokenizer: Option<TextTokenizer>,
+    local: Option<Arc<BlockShard>>,
+    policy: SelectionPolicy,
+    pinned: Vec<String>,
+    excluded: Vec<String>,
+    survey_options: SurveyOptions,
+    session: SessionOptions,
+    wait_for_hosts: Duration,
+    on_event: EventSink,
+    survey: tokio::sync::Mutex<Option<(Instant, Survey)>>,
+}
+
+/// What [`Client::plan`] decided.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The servers found and measured.
+    pub survey: Survey,
+    /// The auto-selection (scores, the chosen set, what is missing).
+    pub selection: Selection,
+    /// Servers the user excluded.
+    pub excluded: HashSet<ServerId>,
+}
+
+/// A finished distributed generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The tokens and timings.
+    pub output: GenerationOutput,
+    /// The blocks the client ran itself.
+    pub local_blocks: Option<BlockRange>,
+    /// The route at the start.
+    pub route: Vec<RouteStep>,
+    /// Servers lost on the way, and what replaced them.
+    pub failovers: Vec<swarm_dht::Failover>,
+}
+
+/// A survey is reused for this long.
+const SURVEY_MAX_AGE: Duration = Duration::from_secs(30);
+
+impl Client {
+    /// Settings for a client of `model` (a known name such as
+    /// `smollm2-135m`, a `.gguf` file or an HF directory): it loads only
+    /// the embeddings, final norm, LM head and tokenizer.
+    pub fn builder(model: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            model: model.into(),
+            model_id: None,
+            swarm: SwarmSettings::default(),
+            local_blocks: 0,
+            max_nodes: 10,
+            pinned: Vec::new(),
+            excluded: Vec::new(),
+            survey: SurveyOptions::default(),
+            session: SessionOptions::default(),
+            wait_for_hosts: DEFAULT_WAIT_FOR_HOSTS,
+            on_event: EventSink::default(),
+        }
+    }
+
+    /// Its node.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The model's id in the swarm.
+    pub fn model(&self) -> &ModelId {
+        &self.model
+    }
+
+    /// The model's tokenizer, if the model file has one.
+    pub fn tokenizer(&self) -> Option<&TextTokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// The blocks the client runs itself (`local_blocks`), if any.
+    pub fn local_blocks(&self) -> Option<BlockRange> {
+        self.local.as_ref().map(|s| s.range())
+    }
+
+    /// The client's part of the model.
+    pub fn head(&self) -> &ClientHead {
+        &self.head
+    }
+
+    /// The blocks servers must run: all but the client's own.
+    fn remote_span(&self) -> Result<BlockRange, SherpaError> {
+        let first = self.local.as_ref().map_or(0, |s| s.range().end());
+        Ok(BlockRange::new(
+            first,
+            self.head.config().num_hidden_layers as u32,
+        )?)
+    }
+
+    /// Surveys the model's servers (reusing a recent survey), waiting up to
+    /// [`ClientBuilder::wait_for_hosts`] for blocks without a server, and
+    /// auto-selects a covering set, honouring pins and exclusions. Fails
+    /// with [`swarm_dht::DhtError::NoHosts`] (saying what the swarm
+    /// serves, if not this model) when blocks still have no server.
+    pub async fn plan(&self) -> Result<Plan, SherpaError> {
+        let span = self.remote_span()?;
+        let mut cached = self.survey.lock().await;
+        let survey = match cached.as_ref() {
+            Some((at, survey))
+                if at.elapsed() < SURVEY_MAX_AGE
+                    && swarm_dht::unhosted(&survey.listing, Some(span)).is_none() =>
+            {
+                survey.clone()
+            }
+            _ => {
+                let events = self.on_event.clone();
+                let survey = swarm_dht::survey_hosted(
+                    &self.node,
+                    &self.model,
+                    &self.survey_options,
+                    Some(span),
+                    self.wait_for_hosts,
+                    &mut |wait| events.emit(ClientEvent::WaitingForHosts(wait.clone())),
+                )
+                .await?;
+                if let Some(missing) = swarm_dht::unhosted(&survey.listing, Some(span)) {
+                    let servers = survey.listing.servers.len();
+                    let serving = if servers == 0 {
+                        swarm_dht::served_models(&self.node)
+                            .await
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
+                    return Err(swarm_dht::DhtError::NoHosts {
+                        model: self.model.clone(),
+                        missing,
+                        servers,
+                        waited: self.wait_for_hosts,
+                        serving,
+                    }
+                    .into());
+                }
+                *cached = Some((Instant::now(), survey.clone()));
+                survey
+            }
+        };
+        drop(cached);
+        let blocks = self.head.config().num_hidden_layers as u32;
+        let overrides = Overrides {
+            pinned: survey.ids_named(&self.pinned)?,
+            excluded: survey.ids_named(&self.excluded)?,
+        };
+        let selection = select(&survey.candidates, blocks, &self.policy, &overrides)?;
+        Ok(Plan {
+            survey,
+            selection,
+            excluded: overrides.excluded,
+        })
+    }
+
+    /// Forgets the last survey, so the next generation looks again.
+    pub async fn forget_survey(&self) {
+        *self.survey.lock().await = None;
+    }
+
+    /// Opens a session for up to `max_length` positions over the planned
+    /// route through the blocks the client does not run itself.
+    pub async fn session(&self, max_length: usize) -> Result<InferenceSession, SherpaError> {
+        let plan = self.plan().await?;
+        let config = self.head.config();
+        let span = self.remote_span()?;
+        let choice = ServerChoice {
+            preferred: plan
+                .selection
+                .selected
+                .iter()
+                .map(|&i| plan.survey.candidates[i].id)
+                .collect(),
+            excluded: plan.excluded,
+        };
+        let options = SessionOptions {
+            max_length: max_length as u32,
+            ..self.session.clone()
+        };
+        Ok(InferenceSession::open(
+            &self.node,
+            self.model.clone(),
+            plan.survey,
+            choice,
+            span,
+            config.hidden_size,
+            options,
+        )
+        .await?)
+    }
+
+    /// Positions a session needs for `prompt_tokens` plus what `options`
+    /// may generate (capped at the model's context).
+    pub fn max_length(&self, prompt_tokens: usize, options: &GenerateOptions) -> usize {
+        (prompt_tokens + options.max_new_tokens).min(self.head.config().max_position_embeddings)
+    }
+
+    /// Generates from `prompt` ids through the swarm in a session of its
+    /// own. `on_token` sees each new id as it is chosen and may return
+    /// `false` to stop.
+    pub async fn generate(
+        &self,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        on_token: &mut (dyn FnMut(u32) -> bool + Send),
+    ) -> Result<Generation, SherpaError> {
+        let mut session = self.session(self.max_length(prompt.len(), options)).await?;
+        let out = self
+            .generate_in(&mut session, prompt, options, on_token)
+            .await;
+        session.close().await;
+        out
+    }
+
+    /// Generates in an open `session` (from [`Client::session`], with room
+    /// for [`Client::max_length`] positions), e.g. after showing its route.
+    pub async fn generate_in(
+        &self,
+        session: &mut InferenceSession,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        on_token: &mut (dyn FnMut(u32) -> bool + Send),
+    ) -> Result<Generation, SherpaError> {
+        let route = session.route();
+        let already = session.failovers().len();
+        let mut local = match &self.local {
+            Some(shard) => Some(LocalBlocks::new(
+                shard.clone(),
+                self.max_length(prompt.len(), options),
+            )?),
+            None => None,
+        };
+        let output = crate::generate::generate(
+            &self.head,
+            local.as_mut(),
+            session,
+            prompt,
+            options,
+            &mut |id| Ok(on_token(id)),
+        )
+        .await?;
+        Ok(Generation {
+            output,
+            local_blocks: local.map(|l| l.range()),
+            route,
+            failovers: session.failovers()[already..].to_vec(),
+        })
+    }
+
+    /// Generates a chat reply to `prompt` (the model's chat template
+    /// applied), passing each new piece of text to `on_text`, which may
+    /// return `false` to stop.
+    pub async fn generate_text(
+        &self,
+        prompt: &str,
+        options: &GenerateOptions,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Generation, SherpaError> {
+        let tokenizer = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| ShardError::BadSettings("the model file carries no tokenizer".into()))?;
+        let ids = tokenizer.encode_chat(&[ChatMessage::user(prompt)])?;
+        let mut decoder = tokenizer.stream_decoder();
+        let mut failed = None;
+        let out = self
+            .generate(&ids, options, &mut |id| match decoder.push(id) {
+                Ok(Some(piece)) => on_text(&piece),
+                Ok(None) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            })
+            .await?;
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(out),
+        }
+    }
+
+    /// Leaves the swarm.
+    pub async fn shutdown(self) {
+        self.node.shutdown().await;
+    }
+}

@@ -1,0 +1,293 @@
+//! A server: loads a span, announces it, answers inference sessions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use swarm_core::{BlockRange, ModelId, NodeKey, ServerInfo};
+use swarm_dht::{InferenceService, Multiaddr, Node, NodeIdentity, PeerId, RelayMode, SwarmKey};
+use swarm_shard::{
+    BlockShard, CacheBudget, DType, Device, ModelFiles, SessionCache, WeightPrecision,
+};
+
+use crate::backend::ShardBackend;
+use crate::model_store;
+use crate::SherpaError;
+
+use super::{blocking, listening, SwarmSettings, DEFAULT_RECORD_TTL, DEFAULT_REFRESH};
+
+/// Builds a [`Server`].
+#[derive(Debug)]
+pub struct ServerBuilder {
+    model: String,
+    model_id: Option<ModelId>,
+    blocks: BlockRange,
+    swarm: SwarmSettings,
+    relay: RelayMode,
+    name: Option<String>,
+    cache_bytes: u64,
+    refresh: Duration,
+    record_ttl: Duration,
+    idle_timeout: Option<Duration>,
+    probe_tracker: bool,
+    direct_port: Option<u16>,
+}
+
+impl ServerBuilder {
+    swarm_setters!();
+
+    /// The id the swarm knows the model by [default: the known name or
+    /// the file stem].
+    pub fn model_id(mut self, id: ModelId) -> Self {
+        self.model_id = Some(id);
+        self
+    }
+
+    /// When to listen through the tracker's relay [default: auto].
+    pub fn relay(mut self, mode: RelayMode) -> Self {
+        self.relay = mode;
+        self
+    }
+
+    /// The name shown to people choosing nodes [default: from the peer id].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Memory for session KV caches [default: 512 MiB].
+    pub fn cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// How often the record is re-signed and how long each lives
+    /// [default: 30 s and 120 s].
+    pub fn announce_every(mut self, refresh: Duration, ttl: Duration) -> Self {
+        self.refresh = refresh;
+        self.record_ttl = ttl;
+        self
+    }
+
+    /// Closes sessions idle this long [default: 60 s].
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Measures bandwidth against the tracker at start-up and announces it
+    /// [default: on].
+    pub fn probe_tracker(mut self, on: bool) -> Self {
+        self.probe_tracker = on;
+        self
+    }
+
+    /// The TCP port sessions' direct connections arrive at (0: any free
+    /// port), or `None` to keep every session on its libp2p stream
+    /// [default: any free port].
+    pub fn direct_port(mut self, port: Option<u16>) -> Self {
+        self.direct_port = port;
+        self
+    }
+
+    /// Loads the blocks, measures their speed, joins the swarm and
+    /// announces them.
+    pub async fn start(self) -> Result<Server, SherpaError> {
+        self.swarm.check()?;
+        let (model_arg, blocks) = (self.model.clone(), self.blocks);
+        let shard = blocking(move || {
+            let path = model_store::resolve_model(&model_arg, &mut |_| {})?;
+            let files = ModelFiles::open(&path)?;
+            let shard = BlockShard::load(&files, blocks, &Device::Cpu, WeightPrecision::Native)?;
+            let throughput = shard.measure_throughput(8)?;
+            Ok((Arc::new(shard), throughput))
+        })
+        .await?;
+        let (shard, throughput) = shard;
+        let model = match self.model_id.clone() {
+            Some(id) => id,
+            None => model_store::model_id(&self.model)?,
+        };
+        let key = self
+            .swarm
+            .key
+            .clone()
+            .unwrap_or_else(swarm_dht::identity::ephemeral_node_key);
+        let backend = ShardBackend::new(shard.clone(), CacheBudget::new(self.cache_bytes));
+        let mut service = InferenceService::new(model.clone(), Arc::new(backend));
+        if let Some(idle) = self.idle_timeout {
+            service = service.with_idle_timeout(idle);
+        }
+        let service = Arc::new(service.with_direct(self.direct_port));
+        let node = Node::start(
+            SwarmSettings {
+                key: Some(key.clone()),
+                ..self.swarm.clone()
+            }
+            .config()
+            .with_relay(self.relay)
+            .with_record_ttl(self.record_ttl)
+            .with_inference(service.clone()),
+        )
+        .await?;
+        let per_token = SessionCache::bytes_needed(shard.config(), blocks, 1, DType::F32).max(1);
+        let mut info = ServerInfo::new(
+            key.public_key(),
+            model,
+            blocks,
+            shard.config().num_hidden_layers as u32,
+        );
+        info.throughput = throughput;
+        info.cache_tokens_free = self.cache_bytes / per_token;
+        info.hardware = crate::hardware::detect();
+        info.public_name = self.name.clone().unwrap_or_else(|| {
+            // Peer ids share a long prefix; their end tells them apart.
+            let id = node.peer_id().to_string();
+            format!("sherpa-{}", &id[id.len().saturating_sub(6)..])
+        });
+        let tracker = self.swarm.bootstrap.first().and_then(peer_of);
+        let mut bandwidth = None;
+        if let (Some(tracker), true) = (tracker, self.probe_tracker) {
+            match node.probe(tracker, SELF_PROBE_BYTES).await {
+                Ok(b) => {
+                    // The tracker's upload is our download, and back.
+                    info.upload_bps = b.download_bps;
+                    info.download_bps = b.upload_bps;
+                    bandwidth = Some(b);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not measure bandwidth to the tracker; announcing it as unknown")
+                }
+            }
+        }
+        let addrs = listening(&node).await?;
+        // Announced before `start` returns, so a client started as soon as
+        // the caller prints this server's address finds it.
+        if let Err(e) = swarm_dht::announce_once(&node, &key, &info, self.record_ttl).await {
+            tracing::warn!(error = %e, "the first announcement failed; retrying at the next refresh");
+        }
+        let announcer = swarm_dht::refresh_periodically(
+            node.clone(),
+            key.clone(),
+            info.clone(),
+            self.refresh,
+            self.record_ttl,
+        );
+        Ok(Server {
+            node,
+            key,
+            info,
+            addrs,
+            shard,
+            announcer,
+            bandwidth,
+            record_ttl: self.record_ttl,
+            service,
+            _identity: self.swarm.identity,
+        })
+    }
+}
+
+/// Bytes each way of the probe a server runs to its tracker at start-up.
+const SELF_PROBE_BYTES: u32 = 1 << 20;
+
+/// The peer id at the end of a `/p2p/<id>` multiaddr.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(swarm_dht::multiaddr::Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
+/// A server: hosts a span of a model's blocks, announces it, and answers
+/// inference sessions within its cache budget.
+#[derive(Debug)]
+pub struct Server {
+    node: Node,
+    key: NodeKey,
+    info: ServerInfo,
+    addrs: Vec<Multiaddr>,
+    shard: Arc<BlockShard>,
+    announcer: tokio::task::JoinHandle<()>,
+    bandwidth: Option<swarm_dht::Bandwidth>,
+    record_ttl: Duration,
+    service: Arc<InferenceService>,
+    _identity: Option<Arc<NodeIdentity>>,
+}
+
+impl Server {
+    /// Settings for a server of `blocks` of `model` (a known name such as
+    /// `smollm2-135m`, a `.gguf` file or an HF directory).
+    pub fn builder(model: impl Into<String>, blocks: BlockRange) -> ServerBuilder {
+        ServerBuilder {
+            model: model.into(),
+            model_id: None,
+            blocks,
+            swarm: SwarmSettings::default(),
+            relay: RelayMode::Auto,
+            name: None,
+            cache_bytes: 512 << 20,
+            refresh: DEFAULT_REFRESH,
+            record_ttl: DEFAULT_RECORD_TTL,
+            idle_timeout: None,
+            probe_tracker: true,
+            direct_port: Some(0),
+        }
+    }
+
+    /// Its first listen address, with `/p2p/<peer id>`.
+    pub fn addr(&self) -> &Multiaddr {
+        &self.addrs[0]
+    }
+
+    /// Every listen address.
+    pub fn addrs(&self) -> &[Multiaddr] {
+        &self.addrs
+    }
+
+    /// What it announces.
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    /// Its node.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The blocks it computes.
+    pub fn shard(&self) -> &Arc<BlockShard> {
+        &self.shard
+    }
+
+    /// The TCP port its sessions' direct connections arrive at, if it
+    /// offers them.
+    pub fn direct_port(&self) -> Option<u16> {
+        self.service.direct_listen_port()
+    }
+
+    /// Bandwidth measured against the tracker at start-up.
+    pub fn bandwidth(&self) -> Option<swarm_dht::Bandwidth> {
+        self.bandwidth
+    }
+
+    /// Withdraws its records and stops. If the withdrawal fails, the
+    /// records expire on their own; the error says when.
+    pub async fn shutdown(self) -> Result<(), SherpaError> {
+        self.announcer.abort();
+        let withdrawn = swarm_dht::withdraw(&self.node, &self.key, &self.info).await;
+        self.node.shutdown().await;
+        withdrawn.map_err(|e| {
+            SherpaError::Network(format!(
+                "could not withdraw ({e}); the record expires within {}s",
+                self.record_ttl.as_secs()
+            ))
+        })
+    }
+
+    /// Stops at once without withdrawing, as a crash would: the records
+    /// stay until they expire.
+    pub async fn abort(self) {
+        self.announcer.abort();
+        self.node.shutdown().await;
+    }
+}
