@@ -47,6 +47,7 @@ fn swarm() -> Vec<Candidate> {
                 },
                 throughput: 100.0 + next(50_000) as f64,
                 cache_tokens_free: 8192,
+                sessions: 0,
                 upload_bps: 100_000 + next(100_000_000),
                 download_bps: 100_000 + next(100_000_000),
                 rtt: Some(Duration::from_millis(5 + next(200))),

@@ -21,6 +21,7 @@ fn records(c: &mut Criterion) {
         model_blocks: 30,
         throughput: 900.0,
         cache_tokens_free: 8192,
+        sessions: 0,
         upload_bps: 10_000_000,
         download_bps: 100_000_000,
         hardware: HardwareInfo {

@@ -306,15 +306,15 @@ impl Client {
     /// serves, if not this model) when blocks still have no server.
     pub async fn plan(&self) -> Result<Plan, SherpaError> {
         let span = self.remote_span()?;
-        let mut cached = self.survey.lock().await;
-        let survey = match cached.as_ref() {
-            Some((at, survey))
-                if at.elapsed() < SURVEY_MAX_AGE
-                    && swarm_dht::unhosted(&survey.listing, Some(span)).is_none() =>
-            {
-                survey.clone()
-            }
-            _ => {
+        // The lock guards the cached survey only, never a network wait:
+        // two plans at once may both survey, and the later one is kept.
+        let cached = self.survey.lock().await.clone().filter(|(at, survey)| {
+            at.elapsed() < SURVEY_MAX_AGE
+                && swarm_dht::unhosted(&survey.listing, Some(span)).is_none()
+        });
+        let survey = match cached {
+            Some((_, survey)) => survey,
+            None => {
                 let events = self.on_event.clone();
                 let survey = swarm_dht::survey_hosted(
                     &self.node,
@@ -343,11 +343,10 @@ impl Client {
                     }
                     .into());
                 }
-                *cached = Some((Instant::now(), survey.clone()));
+                *self.survey.lock().await = Some((Instant::now(), survey.clone()));
                 survey
             }
         };
-        drop(cached);
         let blocks = self.head.config().num_hidden_layers as u32;
         let overrides = Overrides {
             pinned: survey.ids_named(&self.pinned)?,

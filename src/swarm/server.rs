@@ -165,12 +165,19 @@ impl ServerBuilder {
         if let Err(e) = swarm_dht::announce_once(&node, &key, &info, self.record_ttl).await {
             tracing::warn!(error = %e, "the first announcement failed; retrying at the next refresh");
         }
+        let live = LiveInfo {
+            service: service.clone(),
+            first: info.clone(),
+        };
         let announcer = swarm_dht::refresh_periodically(
             node.clone(),
             key.clone(),
-            info.clone(),
             self.refresh,
             self.record_ttl,
+            {
+                let live = live.clone();
+                move || live.now()
+            },
         );
         Ok(Server {
             node,
@@ -182,8 +189,36 @@ impl ServerBuilder {
             bandwidth,
             record_ttl: self.record_ttl,
             service,
+            live,
+            stopped: false,
             _identity: self.swarm.identity,
         })
+    }
+}
+
+/// A server's figures of the moment, for its re-announcements.
+#[derive(Debug, Clone)]
+struct LiveInfo {
+    service: Arc<InferenceService>,
+    /// What it announced at start-up.
+    first: ServerInfo,
+}
+
+impl LiveInfo {
+    /// The start-up record with today's free memory, free cache, open
+    /// sessions, and the decode speed measured on real steps (the start-up
+    /// measurement until there is one).
+    fn now(&self) -> ServerInfo {
+        let mut info = self.first.clone();
+        info.cache_tokens_free = self.service.free_positions();
+        info.sessions = u32::try_from(self.service.sessions()).unwrap_or(u32::MAX);
+        let gpu = info.hardware.gpu.take();
+        info.hardware = crate::hardware::detect();
+        info.hardware.gpu = gpu;
+        if let Some(measured) = self.service.measured_throughput() {
+            info.throughput = measured as f32;
+        }
+        info
     }
 }
 
@@ -211,6 +246,10 @@ pub struct Server {
     bandwidth: Option<swarm_dht::Bandwidth>,
     record_ttl: Duration,
     service: Arc<InferenceService>,
+    live: LiveInfo,
+    /// Set once it has been shut down or aborted, so dropping it does
+    /// nothing more.
+    stopped: bool,
     _identity: Option<Arc<NodeIdentity>>,
 }
 
@@ -244,9 +283,15 @@ impl Server {
         &self.addrs
     }
 
-    /// What it announces.
+    /// What it announced at start-up.
     pub fn info(&self) -> &ServerInfo {
         &self.info
+    }
+
+    /// What its next re-announcement will say: today's free memory and
+    /// cache, open sessions and measured speed.
+    pub fn current_info(&self) -> ServerInfo {
+        self.live.now()
     }
 
     /// Its node.
@@ -272,7 +317,8 @@ impl Server {
 
     /// Withdraws its records and stops. If the withdrawal fails, the
     /// records expire on their own; the error says when.
-    pub async fn shutdown(self) -> Result<(), SherpaError> {
+    pub async fn shutdown(mut self) -> Result<(), SherpaError> {
+        self.stopped = true;
         self.announcer.abort();
         let withdrawn = swarm_dht::withdraw(&self.node, &self.key, &self.info).await;
         self.node.shutdown().await;
@@ -286,8 +332,32 @@ impl Server {
 
     /// Stops at once without withdrawing, as a crash would: the records
     /// stay until they expire.
-    pub async fn abort(self) {
+    pub async fn abort(mut self) {
+        self.stopped = true;
         self.announcer.abort();
         self.node.shutdown().await;
+    }
+}
+
+impl Drop for Server {
+    /// A server dropped without [`Server::shutdown`] stops announcing at
+    /// once and, on a tokio runtime, withdraws its record and stops its
+    /// node in the background (elsewhere the node stops when its last
+    /// handle goes, and the record expires).
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.announcer.abort();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (node, key, info) = (self.node.clone(), self.key.clone(), self.info.clone());
+        runtime.spawn(async move {
+            if let Err(e) = swarm_dht::withdraw(&node, &key, &info).await {
+                tracing::debug!(error = %e, "a dropped server could not withdraw");
+            }
+            node.shutdown().await;
+        });
     }
 }

@@ -14,7 +14,8 @@ use crate::hardware::HardwareInfo;
 use crate::{BlockRange, CoreError, ModelId};
 
 /// Version of the record format.
-pub const RECORD_VERSION: u16 = 1;
+/// - 2: `sessions` (open sessions when signed).
+pub const RECORD_VERSION: u16 = 2;
 
 /// Longest a record may live, in milliseconds: a dead server must vanish
 /// from lookups within minutes.
@@ -94,6 +95,8 @@ pub struct ServerInfo {
     pub throughput: f32,
     /// Tokens of KV cache it can still give new sessions.
     pub cache_tokens_free: u64,
+    /// Sessions it was running when it signed this record.
+    pub sessions: u32,
     /// Self-measured upload bandwidth, bytes per second.
     pub upload_bps: u64,
     /// Self-measured download bandwidth, bytes per second.
@@ -131,6 +134,7 @@ impl ServerInfo {
             model_blocks,
             throughput: 0.0,
             cache_tokens_free: 0,
+            sessions: 0,
             upload_bps: 0,
             download_bps: 0,
             hardware: HardwareInfo::default(),
@@ -259,6 +263,7 @@ mod tests {
             model_blocks: 30,
             throughput: 812.5,
             cache_tokens_free: 4096,
+            sessions: 3,
             upload_bps: 12_000_000,
             download_bps: 90_000_000,
             hardware: HardwareInfo {
@@ -377,7 +382,7 @@ mod tests {
             seed in any::<[u8; 32]>(),
             start in 0u32..1000, len in 1u32..100, extra in 0u32..100,
             throughput in 0f32..1e6,
-            cache in any::<u64>(), up in any::<u64>(), down in any::<u64>(),
+            cache in any::<u64>(), sessions in any::<u32>(), up in any::<u64>(), down in any::<u64>(),
             cores in any::<u16>(), ram in any::<u64>(),
             gpu in proptest::option::of(("[a-zA-Z0-9 ]{0,40}", any::<(u8, u8)>(), any::<u64>(), any::<u64>())),
             name in "[a-zA-Z0-9_ -]{0,64}",
@@ -392,6 +397,7 @@ mod tests {
                 model_blocks: start + len + extra,
                 throughput,
                 cache_tokens_free: cache,
+                sessions,
                 upload_bps: up,
                 download_bps: down,
                 hardware: HardwareInfo {

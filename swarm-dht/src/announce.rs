@@ -42,35 +42,40 @@ pub fn announce_periodically(
     refresh: Duration,
     ttl: Duration,
 ) -> JoinHandle<()> {
-    announce_from(tokio::time::Instant::now(), node, key, info, refresh, ttl)
+    let now = tokio::time::Instant::now();
+    announce_from(now, node, key, refresh, ttl, move || info.clone())
 }
 
-/// [`announce_periodically`] for a record already announced (by
-/// [`announce_once`]): the first refresh goes out `refresh` from now.
+/// Keeps a server's record fresh with its figures of the moment: every
+/// `refresh` (the first one `refresh` from now, after the caller's own
+/// [`announce_once`]) `current` says what the server is now (free memory
+/// and cache, sessions, measured speed), and that is signed for `ttl` and
+/// announced, until the returned task is aborted.
 pub fn refresh_periodically(
     node: Node,
     key: NodeKey,
-    info: ServerInfo,
     refresh: Duration,
     ttl: Duration,
+    current: impl FnMut() -> ServerInfo + Send + 'static,
 ) -> JoinHandle<()> {
     let start = tokio::time::Instant::now() + refresh;
-    announce_from(start, node, key, info, refresh, ttl)
+    announce_from(start, node, key, refresh, ttl, current)
 }
 
 fn announce_from(
     start: tokio::time::Instant,
     node: Node,
     key: NodeKey,
-    info: ServerInfo,
     refresh: Duration,
     ttl: Duration,
+    mut current: impl FnMut() -> ServerInfo + Send + 'static,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval_at(start, refresh);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
+            let info = current();
             match announce_once(&node, &key, &info, ttl).await {
                 Ok(()) => {
                     tracing::debug!(model = %info.model, blocks = %info.blocks, "announced")

@@ -78,12 +78,14 @@ impl InferenceService {
         self.sessions.load(Ordering::Relaxed)
     }
 
-    /// Blocks x tokens per second, from the steps computed so far (`None`
-    /// before the first).
+    /// Blocks x tokens per second of one-position steps that ran alone,
+    /// from those computed so far (`None` before the first): the server's
+    /// own decode speed, which its sessions share.
     pub fn measured_throughput(&self) -> Option<f64> {
-        self.pace
-            .expect(1)
-            .map(|per| 1.0 / per.as_secs_f64().max(1e-9))
+        match self.pace.decode_nanos_per_block.load(Ordering::Relaxed) {
+            0 => None,
+            per => Some(1e9 / per as f64),
+        }
     }
 
     /// Offers clients direct connections for their sessions on this TCP
@@ -275,6 +277,9 @@ struct Pace {
     nanos_per_unit: AtomicU64,
     /// Steps computing now.
     running: AtomicUsize,
+    /// Nanoseconds per block of one-position (decode) steps that ran with
+    /// no other step, likewise.
+    decode_nanos_per_block: AtomicU64,
 }
 
 /// One more in a counter (steps under way, sessions open) until dropped.
@@ -307,18 +312,30 @@ impl Pace {
         }
     }
 
-    fn record(&self, work: usize, took: Duration) {
+    /// Learns from a step of `positions` positions and `work`
+    /// position·blocks that took `took`.
+    /// `alone`: no other step ran when it started, so its time is the
+    /// server's own speed rather than a share of it.
+    fn record(&self, positions: usize, work: usize, took: Duration, alone: bool) {
         let per = (took.as_nanos() / work.max(1) as u128).clamp(1, u64::MAX as u128) as u64;
-        let old = self.nanos_per_unit.load(Ordering::Relaxed);
-        // Concurrent steps may overwrite each other's update; either is a
-        // fair sample.
-        let new = if old == 0 {
-            per
-        } else {
-            old.saturating_mul(7).saturating_add(per) / 8
-        };
-        self.nanos_per_unit.store(new, Ordering::Relaxed);
+        average_into(&self.nanos_per_unit, per);
+        if positions == 1 && alone {
+            average_into(&self.decode_nanos_per_block, per);
+        }
     }
+}
+
+/// Moves the running average in `slot` an eighth of the way to `sample`
+/// (or sets it, the first time). Concurrent steps may overwrite each
+/// other's update; either is a fair sample.
+fn average_into(slot: &AtomicU64, sample: u64) {
+    let old = slot.load(Ordering::Relaxed);
+    let new = if old == 0 {
+        sample
+    } else {
+        old.saturating_mul(7).saturating_add(sample) / 8
+    };
+    slot.store(new, Ordering::Relaxed);
 }
 
 /// Runs the span on `n` positions of `values` (`work` position·blocks):
@@ -366,7 +383,7 @@ async fn compute(
         .map_err(|e| DhtError::Transport(format!("session task: {e}")))?
     };
     if out.0.is_ok() {
-        pace.record(work, started.elapsed());
+        pace.record(n, work, started.elapsed(), others == 0);
     }
     Ok(out)
 }
@@ -638,18 +655,33 @@ mod tests {
     fn pace_learns_the_cost_of_a_step() {
         let pace = Pace::default();
         assert_eq!(pace.expect(10), None, "nothing timed yet");
-        pace.record(10, Duration::from_millis(5));
+        pace.record(2, 10, Duration::from_millis(5), true);
         assert_eq!(pace.expect(10), Some(Duration::from_millis(5)));
         assert_eq!(pace.expect(1000), Some(Duration::from_millis(500)));
         // Later samples move the average an eighth of the way.
-        pace.record(10, Duration::from_millis(13));
+        pace.record(2, 10, Duration::from_millis(13), true);
         assert_eq!(pace.expect(10), Some(Duration::from_millis(6)));
         // A sample of no work counts as one unit and never divides by zero.
-        pace.record(0, Duration::ZERO);
+        pace.record(1, 0, Duration::ZERO, true);
         assert!(pace.expect(1).is_some());
         // Absurd samples saturate instead of overflowing.
-        pace.record(1, Duration::MAX);
-        pace.record(1, Duration::MAX);
+        pace.record(1, 1, Duration::MAX, true);
+        pace.record(1, 1, Duration::MAX, true);
         assert!(pace.expect(1).is_some());
+    }
+
+    #[test]
+    fn decode_speed_is_learnt_from_lone_one_position_steps_only() {
+        let pace = Pace::default();
+        // A prefill (many positions) and a decode step sharing the server
+        // say nothing about its own decode speed.
+        pace.record(16, 160, Duration::from_millis(16), true);
+        pace.record(1, 10, Duration::from_millis(50), false);
+        assert_eq!(pace.decode_nanos_per_block.load(Ordering::Relaxed), 0);
+        pace.record(1, 10, Duration::from_millis(10), true);
+        assert_eq!(
+            pace.decode_nanos_per_block.load(Ordering::Relaxed),
+            1_000_000
+        );
     }
 }

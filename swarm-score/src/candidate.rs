@@ -24,6 +24,9 @@ pub struct Candidate {
     pub throughput: f64,
     /// Tokens of KV cache it can still give new sessions.
     pub cache_tokens_free: u64,
+    /// Sessions it runs (as of its last record): its compute is shared
+    /// among them, so a new session's steps take longer there.
+    pub sessions: u32,
     /// Bytes per second it can send: the client's probe when there is one,
     /// else what the server reports; 0 when unknown.
     pub upload_bps: u64,
@@ -43,6 +46,7 @@ impl Candidate {
             hardware: info.hardware.clone(),
             throughput: f64::from(info.throughput),
             cache_tokens_free: info.cache_tokens_free,
+            sessions: info.sessions,
             upload_bps: info.upload_bps,
             download_bps: info.download_bps,
             rtt,
@@ -67,6 +71,12 @@ impl Candidate {
             None => "ping unknown".to_owned(),
         };
         format!("{} - {memory} - {ping}", self.name)
+    }
+
+    /// Blocks x tokens per second a new session can expect here: the
+    /// measured throughput shared with the sessions already running.
+    pub fn throughput_for_new_session(&self) -> f64 {
+        self.throughput / (1.0 + f64::from(self.sessions))
     }
 
     /// Seconds one token spends in one block here, `None` when the server

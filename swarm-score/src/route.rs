@@ -29,9 +29,9 @@ pub struct RouteOptions {
     /// Bytes of one position's hidden state on the wire (hidden size x 2
     /// for f16).
     pub bytes_per_token: u64,
-    /// Known load per server, 0 = idle, 1 = one session's worth already:
-    /// compute time is multiplied by `1 + load`, which spreads sessions over
-    /// replicas.
+    /// Load per server known beyond what its record says (0 = none, 1 =
+    /// one session's worth): compute time is multiplied by `1 + sessions +
+    /// load`, which spreads sessions over replicas.
     pub load: HashMap<ServerId, f64>,
 }
 
@@ -78,12 +78,15 @@ fn costs(candidate: &Candidate, options: &RouteOptions) -> Option<(f64, f64)> {
     let bandwidth = |bps: u64| if bps == 0 { 1e6 } else { bps as f64 };
     let transfer =
         bytes / bandwidth(candidate.download_bps) + bytes / bandwidth(candidate.upload_bps);
-    let load = options
-        .load
-        .get(&candidate.id)
-        .copied()
-        .filter(|l| l.is_finite() && *l > 0.0)
-        .unwrap_or(0.0);
+    // The sessions it announced running share its compute, plus any load
+    // the caller knows of.
+    let load = f64::from(candidate.sessions)
+        + options
+            .load
+            .get(&candidate.id)
+            .copied()
+            .filter(|l| l.is_finite() && *l > 0.0)
+            .unwrap_or(0.0);
     Some((
         rtt + transfer,
         per_block * f64::from(options.tokens) * (1.0 + load),

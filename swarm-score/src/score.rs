@@ -14,7 +14,10 @@
 //! The device class is 0 for a CPU, `(major - 3) / 6` for a CUDA compute
 //! capability (3.x gives 0, 9.x gives 1), and 0.5 for a GPU without one.
 //! Throughput dominates because it is measured; the class breaks ties and
-//! ranks a newer GPU above an older one at equal measurements.
+//! ranks a newer GPU above an older one at equal measurements. The
+//! throughput scored is what a new session can expect: the measured one
+//! divided by `1 + sessions` the server announced running, so a busy
+//! server ranks below an idle one of the same speed.
 //!
 //! The total is `100 x sum(weight x component) / sum(weights)`. Default
 //! weights: compute 0.35, ping 0.25, upload 0.15, memory 0.15, download 0.10.
@@ -138,7 +141,8 @@ impl ScoreComponents {
             upload: log_scale(candidate.upload_bps as f64, BANDWIDTH_RANGE),
             download: log_scale(candidate.download_bps as f64, BANDWIDTH_RANGE),
             memory: log_scale(candidate.hardware.memory_free() as f64, MEMORY_RANGE),
-            compute: (1.0 - DEVICE_SHARE) * log_scale(candidate.throughput, THROUGHPUT_RANGE)
+            compute: (1.0 - DEVICE_SHARE)
+                * log_scale(candidate.throughput_for_new_session(), THROUGHPUT_RANGE)
                 + DEVICE_SHARE * device_class(candidate),
         }
     }

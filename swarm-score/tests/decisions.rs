@@ -30,6 +30,7 @@ fn node(id: u8, blocks: BlockRange) -> Candidate {
         },
         throughput: 1000.0,
         cache_tokens_free: 4096,
+        sessions: 0,
         upload_bps: 12_500_000,
         download_bps: 12_500_000,
         rtt: Some(Duration::from_millis(20)),
@@ -234,6 +235,32 @@ fn the_route_prefers_fewer_faster_hops() {
     assert_ne!(first.hops[0].index, second.hops[0].index);
 }
 
+#[test]
+fn a_server_announcing_sessions_loses_to_an_idle_replica() {
+    // Twins but for the sessions each announced; whichever is busy loses,
+    // in the score and in the route.
+    for busy in 0..2 {
+        let mut twins = vec![node(4, r(0, 20)), node(5, r(0, 20))];
+        twins[busy].sessions = 6;
+        let idle = 1 - busy;
+        let weights = ScoreWeights::default();
+        assert!(
+            score(&twins[idle], &weights).components.compute
+                > score(&twins[busy], &weights).components.compute
+        );
+        let route = plan(&twins, r(0, 20), &RouteOptions::default(), &HashSet::new()).unwrap();
+        assert_eq!(route.hops[0].index, idle);
+        let selection = select(
+            &twins,
+            20,
+            &SelectionPolicy::default(),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(selection.ranked[0].index, idle);
+    }
+}
+
 /// A hop's cost written out independently of the planner: round trip,
 /// activations in and out, and compute for `k` blocks.
 fn hop_cost(c: &Candidate, k: u32, options: &RouteOptions) -> f64 {
@@ -242,7 +269,7 @@ fn hop_cost(c: &Candidate, k: u32, options: &RouteOptions) -> f64 {
     c.rtt.unwrap().as_secs_f64()
         + bytes / bw(c.download_bps)
         + bytes / bw(c.upload_bps)
-        + f64::from(k) * f64::from(options.tokens) / c.throughput
+        + f64::from(k) * f64::from(options.tokens) * (1.0 + f64::from(c.sessions)) / c.throughput
 }
 
 /// Least cost over every chain through `from..to`, by enumeration.
@@ -279,24 +306,28 @@ fn arb_swarm() -> impl Strategy<Value = (u32, Vec<Candidate>)> {
             50.0f64..5000.0,
             1u64..1000,
             any::<bool>(),
+            0u32..4,
         );
         (Just(blocks), prop::collection::vec(server, 1..6)).prop_map(|(blocks, servers)| {
             let swarm = servers
                 .into_iter()
                 .enumerate()
-                .map(|(i, (start, len, ping, throughput, mbps, gpu_node))| {
-                    let mut c = node(
-                        i as u8 + 1,
-                        r(start, (start + len).min(blocks).max(start + 1)),
-                    );
-                    c.rtt = Some(Duration::from_millis(ping));
-                    c.throughput = throughput;
-                    c.upload_bps = mbps * 125_000;
-                    if gpu_node {
-                        gpu(&mut c, "GPU", (7, 5), throughput);
-                    }
-                    c
-                })
+                .map(
+                    |(i, (start, len, ping, throughput, mbps, gpu_node, sessions))| {
+                        let mut c = node(
+                            i as u8 + 1,
+                            r(start, (start + len).min(blocks).max(start + 1)),
+                        );
+                        c.rtt = Some(Duration::from_millis(ping));
+                        c.throughput = throughput;
+                        c.upload_bps = mbps * 125_000;
+                        c.sessions = sessions;
+                        if gpu_node {
+                            gpu(&mut c, "GPU", (7, 5), throughput);
+                        }
+                        c
+                    },
+                )
                 .collect();
             (blocks, swarm)
         })

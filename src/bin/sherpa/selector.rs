@@ -65,6 +65,7 @@ impl NodesView<'_> {
                     "blocks": {"start": info.blocks.start(), "end": info.blocks.end()},
                     "throughput": info.throughput,
                     "cache_tokens_free": info.cache_tokens_free,
+                    "sessions": info.sessions,
                     "upload_bps": c.upload_bps,
                     "download_bps": c.download_bps,
                     "reported_upload_bps": info.upload_bps,
