@@ -4,6 +4,7 @@ use thiserror::Error;
 
 /// Everything that can go wrong in the `sherpa-swarm` facade.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum SherpaError {
     /// The model engine failed.
     #[error(transparent)]

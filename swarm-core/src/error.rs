@@ -2,6 +2,7 @@ use thiserror::Error;
 
 /// Everything that can go wrong in `swarm-core`.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CoreError {
     /// A block range could not be parsed from text.
     #[error("invalid block range {text:?}: {reason} (expected START..END, e.g. 0..10)")]

@@ -1,4 +1,4 @@
-//! The inference protocol's control messages (`/sherpa/infer/1.0.0`).
+//! The inference protocol's control messages (`/sherpa/infer/2.0.0`).
 //!
 //! A client opens one stream per hop and keeps it for the session. On the
 //! stream, every message is a 4-byte little-endian length and a bincode
@@ -93,6 +93,7 @@ impl std::fmt::Debug for DirectOffer {
 
 /// Client to server.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[non_exhaustive]
 pub enum Request {
     /// Opens the session; must be the first message.
     Open(OpenSession),
@@ -116,6 +117,7 @@ pub enum Request {
 /// Why a server will not do what was asked. The session (if open) stays
 /// usable after a refused step; a refused open ends the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[non_exhaustive]
 pub enum Refusal {
     /// Not enough KV cache memory left for `max_length` positions now.
     Busy {
@@ -161,6 +163,7 @@ pub enum Refusal {
 
 /// Server to client.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+#[non_exhaustive]
 pub enum Response {
     /// The session is open.
     Opened {

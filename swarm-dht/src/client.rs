@@ -427,7 +427,7 @@ impl InferenceSession {
 fn finite(values: Vec<f32>) -> Result<Vec<f32>, DhtError> {
     match values.iter().position(|v| !v.is_finite()) {
         None => Ok(values),
-        Some(at) => Err(DhtError::Transport(format!(
+        Some(at) => Err(DhtError::Protocol(format!(
             "the server answered a non-finite value at {at}"
         ))),
     }

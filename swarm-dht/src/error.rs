@@ -4,6 +4,7 @@ use thiserror::Error;
 
 /// Everything that can go wrong in the network layer.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum DhtError {
     /// A file operation failed.
     #[error("{path}: {source}")]
@@ -27,6 +28,16 @@ pub enum DhtError {
     /// Listening, dialing or a DHT operation failed.
     #[error("network: {0}")]
     Transport(String),
+    /// A stream or connection broke, or ended before the answer: the peer
+    /// went away, reset it, or was too busy to take it. Worth trying again.
+    #[error("stream lost: {0}")]
+    StreamLost(String),
+    /// The peer answered something the protocol does not allow there.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The server said its computation failed.
+    #[error("the server failed: {0}")]
+    ServerFailed(String),
     /// A network operation did not finish in time.
     #[error("timed out waiting for {0}; check that peers are reachable")]
     Timeout(&'static str),

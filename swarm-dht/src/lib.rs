@@ -42,4 +42,28 @@ pub use survey::{survey, survey_hosted, unhosted, HostWait, Survey, SurveyOption
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";
 /// Protocol id of inference sessions.
-pub const INFER_PROTOCOL: &str = "/sherpa/infer/1.0.0";
+pub const INFER_PROTOCOL: &str = "/sherpa/infer/2.0.0";
+
+#[cfg(test)]
+mod tests {
+    /// Each protocol has one version: the one in its id is the one its
+    /// messages carry.
+    #[test]
+    fn protocol_ids_carry_their_message_versions() {
+        let (probe, catalog) = (
+            super::probe::PROBE_PROTOCOL,
+            super::catalog::CATALOG_PROTOCOL,
+        );
+        let versions = [
+            (super::INFER_PROTOCOL, swarm_core::infer::INFER_VERSION),
+            (probe.as_ref(), super::probe::PROBE_VERSION),
+            (catalog.as_ref(), swarm_core::catalog::CATALOG_VERSION),
+        ];
+        for (id, version) in versions {
+            assert!(
+                id.ends_with(&format!("/{version}.0.0")),
+                "{id} vs {version}"
+            );
+        }
+    }
+}

@@ -740,7 +740,7 @@ impl Node {
             let mut open = open.clone();
             open.direct = ip.is_some();
             match RemoteSession::open(stream, open, ip, self.timeout).await {
-                Err(DhtError::Transport(why)) if attempt < OPEN_RETRIES => {
+                Err(DhtError::StreamLost(why)) if attempt < OPEN_RETRIES => {
                     tracing::debug!(%peer, %why, attempt, "session stream lost before an answer; retrying");
                     let jitter = rand::random_range(0..10);
                     tokio::time::sleep(Duration::from_millis((10 << attempt) + jitter)).await;

@@ -1,4 +1,4 @@
-//! Inference sessions (`/sherpa/infer/1.0.0`): the server side that runs a
+//! Inference sessions (`/sherpa/infer/2.0.0`): the server side that runs a
 //! hop, and the client side that drives one.
 //!
 //! The server keeps each session's KV cache within its memory budget and
@@ -217,9 +217,6 @@ impl InferenceService {
             };
             match request {
                 None | Some(Request::Close) => return Ok(()),
-                Some(Request::Open(_)) => {
-                    write_message(&mut link, &Response::Refused(Refusal::Unexpected), None).await?;
-                }
                 Some(Request::Truncate { keep }) => {
                     state.truncate(keep as usize);
                     write_message(&mut link, &Response::Truncated, None).await?;
@@ -258,6 +255,10 @@ impl InferenceService {
                             return Ok(());
                         }
                     }
+                }
+                // A second open, or a request this node does not know.
+                Some(_) => {
+                    write_message(&mut link, &Response::Refused(Refusal::Unexpected), None).await?;
                 }
             }
         }
@@ -525,10 +526,8 @@ impl std::fmt::Debug for RemoteSession {
 fn refused(response: Response) -> DhtError {
     match response {
         Response::Refused(r) => DhtError::Refused(r),
-        Response::Failed { message } => {
-            DhtError::Transport(format!("the server failed: {message}"))
-        }
-        other => DhtError::Transport(format!("unexpected answer {other:?}")),
+        Response::Failed { message } => DhtError::ServerFailed(message),
+        other => DhtError::Protocol(format!("unexpected answer {other:?}")),
     }
 }
 
@@ -570,7 +569,7 @@ impl RemoteSession {
                 })
             }
             Some(other) => Err(refused(other)),
-            None => Err(DhtError::Transport("the server closed the session".into())),
+            None => Err(DhtError::StreamLost("the server closed the session".into())),
         }
     }
 
@@ -621,14 +620,14 @@ impl RemoteSession {
                 Some(Response::Stepped { positions }) if positions as usize == n => {
                     let (dims, values) = read_frame(stream, n * hidden).await?;
                     if dims != [1, n, hidden] {
-                        return Err(DhtError::Transport(format!(
+                        return Err(DhtError::Protocol(format!(
                             "the server answered shape {dims:?}"
                         )));
                     }
                     Ok(values)
                 }
                 Some(other) => Err(refused(other)),
-                None => Err(DhtError::Transport("the server closed the session".into())),
+                None => Err(DhtError::StreamLost("the server closed the session".into())),
             }
         };
         let out = tokio::time::timeout(timeout, work)

@@ -11,7 +11,7 @@ use swarm_core::tensor_frame::{self, FrameHeader, WireDType, HEADER_LEN};
 use crate::error::DhtError;
 
 fn io(what: &'static str) -> impl Fn(std::io::Error) -> DhtError {
-    move |e| DhtError::Transport(format!("{what}: {e}"))
+    move |e| DhtError::StreamLost(format!("{what}: {e}"))
 }
 
 /// Writes `message`, then `frame` (an encoded tensor frame) if given, and
@@ -78,7 +78,7 @@ where
             return if got == 0 {
                 Ok(None)
             } else {
-                Err(DhtError::Transport(
+                Err(DhtError::StreamLost(
                     "the stream ended inside a message".into(),
                 ))
             };

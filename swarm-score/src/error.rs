@@ -3,6 +3,7 @@ use thiserror::Error;
 
 /// Everything that can go wrong in a decision.
 #[derive(Debug, Clone, PartialEq, Error)]
+#[non_exhaustive]
 pub enum ScoreError {
     /// Score weights must be finite, non-negative, and not all zero.
     #[error("score weights must be finite, non-negative and not all zero: {0}")]

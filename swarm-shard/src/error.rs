@@ -4,6 +4,7 @@ use thiserror::Error;
 
 /// Everything that can go wrong in the model engine.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum ShardError {
     /// A model file or directory could not be read.
     #[error("cannot read {path}: {source}")]
