@@ -4,13 +4,11 @@
 //!
 //! `cargo run --release --example custom_selection`
 
-use sherpa_swarm::dht::node::loopback;
-use sherpa_swarm::shard::GenerateOptions;
-use sherpa_swarm::{Client, Server, Tracker};
+use sherpa_swarm::{Client, GenerateOptions, Server, Tracker};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let tracker = Tracker::builder().listen(loopback()).start().await?;
+    let tracker = Tracker::builder().start().await?;
     let mut servers = Vec::new();
     for (name, blocks) in [
         ("north-1", "0..15"),

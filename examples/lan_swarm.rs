@@ -10,8 +10,7 @@
 
 use std::io::Write;
 
-use sherpa_swarm::shard::GenerateOptions;
-use sherpa_swarm::{Client, Server};
+use sherpa_swarm::{Client, GenerateOptions, Server};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,16 +6,14 @@
 
 use std::io::Write;
 
-use sherpa_swarm::dht::node::loopback;
-use sherpa_swarm::shard::GenerateOptions;
-use sherpa_swarm::{Client, Server, Tracker};
+use sherpa_swarm::{Client, GenerateOptions, Server, Tracker};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prompt = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "Name three rivers.".to_owned());
-    let tracker = Tracker::builder().listen(loopback()).start().await?;
+    let tracker = Tracker::builder().start().await?;
     let mut servers = Vec::new();
     for blocks in ["0..10", "10..20", "20..30"] {
         let server = Server::builder("smollm2-135m", blocks.parse()?)

@@ -1,10 +1,9 @@
 //! The embeddable swarm: [`Tracker`], [`Server`] and [`Client`] builders.
 //!
 //! ```no_run
-//! use sherpa_swarm::{Client, Server, Tracker};
-//! use sherpa_swarm::shard::GenerateOptions;
+//! use sherpa_swarm::{Client, GenerateOptions, Server, Tracker};
 //! # async fn run() -> Result<(), sherpa_swarm::SherpaError> {
-//! let tracker = Tracker::builder().listen(sherpa_swarm::dht::node::loopback()).start().await?;
+//! let tracker = Tracker::builder().start().await?;
 //! let mut servers = Vec::new();
 //! for blocks in ["0..15", "15..30"] {
 //!     servers.push(

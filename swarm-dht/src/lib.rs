@@ -9,7 +9,7 @@
 //! signed server records in Kademlia and lists a model's servers with their
 //! records verified, measures bandwidth ([`probe`]), and serves and opens
 //! inference sessions ([`session`], on the [`wire`] framing). A client
-//! [`survey`]s a model's servers and generates through an
+//! [`survey()`]s a model's servers and generates through an
 //! [`InferenceSession`] that survives server failures ([`client`]).
 
 pub mod admission;

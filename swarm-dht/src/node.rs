@@ -1,4 +1,4 @@
-//! A Sherpa node: one task owns the libp2p `Swarm` ([`EventLoop`]); the rest
+//! A Sherpa node: one task owns the libp2p `Swarm` (`EventLoop`); the rest
 //! of the program talks to it through a cloneable [`Node`] handle over a
 //! bounded channel, with replies on oneshot channels and a timeout on every
 //! wait (rust-libp2p's file-sharing example, with limits).

@@ -2,9 +2,9 @@
 //!
 //! This crate reads no clock, draws no random numbers and does no I/O:
 //! callers pass in what they measured. It holds
-//! - the [`PerformanceScore`] and its components ([`score`]),
+//! - the [`PerformanceScore`] and its components ([`score()`]),
 //! - "10 PCs near me" auto-selection with coverage, redundancy and manual
-//!   overrides ([`select`]),
+//!   overrides ([`select()`]),
 //! - the route planner: the fastest chain over block boundaries, and
 //!   re-planning around failed servers ([`plan`], [`replan`]).
 

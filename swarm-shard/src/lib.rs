@@ -29,6 +29,7 @@ mod linear;
 mod rope;
 mod sampler;
 mod shard;
+#[cfg(any(test, feature = "test-util"))]
 pub mod tiny;
 mod tokenizer;
 mod weights;
