@@ -29,6 +29,9 @@ pub enum SherpaError {
         /// The error.
         source: std::io::Error,
     },
+    /// A compute device cannot be used.
+    #[error("{0}")]
+    Device(String),
     /// Fetching a model failed.
     #[error("model fetch failed: {0}")]
     Fetch(String),

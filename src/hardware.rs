@@ -2,8 +2,24 @@
 
 use swarm_core::HardwareInfo;
 
-/// Detects cores and free memory (GPUs are reported once a GPU build runs
-/// the blocks; CPU builds say CPU).
+/// What a node computing on `device` offers: cores and free RAM, and for
+/// an NVIDIA GPU its name, compute capability and free VRAM (through NVML,
+/// with the `nvml` feature; without it, or without a driver, the GPU is
+/// not reported and the node scores as a CPU one).
+pub fn detect_on(device: &crate::DeviceSpec) -> HardwareInfo {
+    let mut info = detect();
+    if let crate::DeviceSpec::Cuda(index) = device {
+        info.gpu = u32::try_from(*index).ok().and_then(nvidia_gpu);
+        if info.gpu.is_none() {
+            tracing::warn!(
+                "cannot read GPU {index} through NVML (build with --features nvml, and check the NVIDIA driver); announcing no GPU"
+            );
+        }
+    }
+    info
+}
+
+/// Detects cores and free memory, and no GPU: what a CPU node offers.
 pub fn detect() -> HardwareInfo {
     let cpu_cores = std::thread::available_parallelism()
         .map(|n| n.get().min(u16::MAX as usize) as u16)

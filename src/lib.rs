@@ -21,12 +21,14 @@
 pub mod backend;
 #[cfg(feature = "bench")]
 pub mod bench;
+pub mod device;
 mod error;
 pub mod generate;
 pub mod hardware;
 pub mod model_store;
 pub mod swarm;
 
+pub use device::DeviceSpec;
 pub use error::SherpaError;
 pub use swarm::{
     Client, ClientBuilder, ClientEvent, Generation, LocalSwarm, Plan, Server, ServerBuilder,

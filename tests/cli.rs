@@ -75,3 +75,40 @@ fn bad_model_arguments_fail_with_one_clear_line() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     }
 }
+
+/// `--device` reaches the model load: the CPU works, a GPU this build
+/// cannot drive is refused with what to do, and a typo is named.
+#[test]
+fn devices_are_chosen_on_the_command_line() {
+    let path = common::smollm2();
+    let out = common::output_ok(
+        sherpa()
+            .args(["generate", "--device", "cpu", "--ids"])
+            .args(["--max-new-tokens", "4", "--prompt", "Hi", "--model"])
+            .arg(&path),
+    );
+    assert!(!out.is_empty());
+    #[cfg(not(feature = "cuda"))]
+    {
+        let out = sherpa()
+            .args([
+                "generate", "--device", "cuda:0", "--prompt", "Hi", "--model",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("cannot use cuda:0") && stderr.contains("--features cuda"),
+            "{stderr}"
+        );
+    }
+    let out = sherpa()
+        .args(["serve", "--device", "gpu", "--blocks", "0..1", "--lan"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("\"gpu\" is not a device"), "{stderr}");
+}

@@ -12,12 +12,13 @@ use swarm_dht::{
 };
 use swarm_score::{select, Overrides, Selection, SelectionPolicy, ServerId};
 use swarm_shard::{
-    BlockShard, ChatMessage, ClientHead, Device, GenerateOptions, GenerationOutput, ModelFiles,
-    ShardError, TextTokenizer, WeightPrecision,
+    BlockShard, ChatMessage, ClientHead, GenerateOptions, GenerationOutput, ModelFiles, ShardError,
+    TextTokenizer, WeightPrecision,
 };
 
 use crate::generate::LocalBlocks;
 use crate::model_store;
+use crate::DeviceSpec;
 use crate::SherpaError;
 
 use super::{blocking, SwarmSettings};
@@ -36,6 +37,7 @@ pub struct ClientBuilder {
     session: SessionOptions,
     wait_for_hosts: Duration,
     on_event: EventSink,
+    device: DeviceSpec,
 }
 
 /// Something a [`Client`] reports while it works, for a user to see.
@@ -124,6 +126,13 @@ impl ClientBuilder {
         self
     }
 
+    /// The device the client's part of the model computes on [default:
+    /// cpu].
+    pub fn device(mut self, device: DeviceSpec) -> Self {
+        self.device = device;
+        self
+    }
+
     /// How long to wait for blocks that have no server yet (servers
     /// started a moment ago may not have announced) before failing
     /// [default: 20 s].
@@ -149,7 +158,7 @@ impl ClientBuilder {
     /// Loads the client's part of the model and joins the swarm.
     pub async fn start(self) -> Result<Client, SherpaError> {
         self.swarm.check()?;
-        let (model_arg, local) = (self.model.clone(), self.local_blocks);
+        let (model_arg, local, device) = (self.model.clone(), self.local_blocks, self.device);
         let (head, tokenizer, shard) = blocking(move || {
             let path = model_store::resolve_model(&model_arg, &mut |_| {})?;
             let files = ModelFiles::open(&path)?;
@@ -159,14 +168,15 @@ impl ClientBuilder {
                     "local_blocks must be less than the model's {blocks} blocks, so servers run the rest"
                 ))));
             }
-            let head = ClientHead::load(&files, &Device::Cpu, WeightPrecision::Native)?;
+            let device = device.open()?;
+            let head = ClientHead::load(&files, &device, WeightPrecision::Native)?;
             let tokenizer = TextTokenizer::from_model(&files).ok();
             let shard = match local {
                 0 => None,
                 k => Some(Arc::new(BlockShard::load(
                     &files,
                     BlockRange::new(0, k)?,
-                    &Device::Cpu,
+                    &device,
                     WeightPrecision::Native,
                 )?)),
             };
@@ -262,6 +272,7 @@ impl Client {
             session: SessionOptions::default(),
             wait_for_hosts: DEFAULT_WAIT_FOR_HOSTS,
             on_event: EventSink::default(),
+            device: DeviceSpec::Cpu,
         }
     }
 

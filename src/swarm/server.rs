@@ -5,12 +5,11 @@ use std::time::Duration;
 
 use swarm_core::{BlockRange, ModelId, NodeKey, ServerInfo};
 use swarm_dht::{InferenceService, Multiaddr, Node, NodeIdentity, PeerId, RelayMode, SwarmKey};
-use swarm_shard::{
-    BlockShard, CacheBudget, DType, Device, ModelFiles, SessionCache, WeightPrecision,
-};
+use swarm_shard::{BlockShard, CacheBudget, DType, ModelFiles, SessionCache, WeightPrecision};
 
 use crate::backend::ShardBackend;
 use crate::model_store;
+use crate::DeviceSpec;
 use crate::SherpaError;
 
 use super::{blocking, listening, SwarmSettings, DEFAULT_RECORD_TTL, DEFAULT_REFRESH};
@@ -30,6 +29,7 @@ pub struct ServerBuilder {
     idle_timeout: Option<Duration>,
     probe_tracker: bool,
     direct_port: Option<u16>,
+    device: DeviceSpec,
 }
 
 impl ServerBuilder {
@@ -39,6 +39,12 @@ impl ServerBuilder {
     /// the file stem].
     pub fn model_id(mut self, id: ModelId) -> Self {
         self.model_id = Some(id);
+        self
+    }
+
+    /// The device the blocks compute on [default: cpu].
+    pub fn device(mut self, device: DeviceSpec) -> Self {
+        self.device = device;
         self
     }
 
@@ -93,11 +99,11 @@ impl ServerBuilder {
     /// announces them.
     pub async fn start(self) -> Result<Server, SherpaError> {
         self.swarm.check()?;
-        let (model_arg, blocks) = (self.model.clone(), self.blocks);
+        let (model_arg, blocks, device) = (self.model.clone(), self.blocks, self.device);
         let shard = blocking(move || {
             let path = model_store::resolve_model(&model_arg, &mut |_| {})?;
             let files = ModelFiles::open(&path)?;
-            let shard = BlockShard::load(&files, blocks, &Device::Cpu, WeightPrecision::Native)?;
+            let shard = BlockShard::load(&files, blocks, &device.open()?, WeightPrecision::Native)?;
             let throughput = shard.measure_throughput(8)?;
             Ok((Arc::new(shard), throughput))
         })
@@ -138,7 +144,7 @@ impl ServerBuilder {
         );
         info.throughput = throughput;
         info.cache_tokens_free = self.cache_bytes / per_token;
-        info.hardware = crate::hardware::detect();
+        info.hardware = crate::hardware::detect_on(&self.device);
         info.public_name = self.name.clone().unwrap_or_else(|| {
             // Peer ids share a long prefix; their end tells them apart.
             let id = node.peer_id().to_string();
@@ -167,6 +173,7 @@ impl ServerBuilder {
         }
         let live = LiveInfo {
             service: service.clone(),
+            device: self.device,
             first: info.clone(),
         };
         let announcer = swarm_dht::refresh_periodically(
@@ -200,6 +207,7 @@ impl ServerBuilder {
 #[derive(Debug, Clone)]
 struct LiveInfo {
     service: Arc<InferenceService>,
+    device: DeviceSpec,
     /// What it announced at start-up.
     first: ServerInfo,
 }
@@ -212,9 +220,7 @@ impl LiveInfo {
         let mut info = self.first.clone();
         info.cache_tokens_free = self.service.free_positions();
         info.sessions = u32::try_from(self.service.sessions()).unwrap_or(u32::MAX);
-        let gpu = info.hardware.gpu.take();
-        info.hardware = crate::hardware::detect();
-        info.hardware.gpu = gpu;
+        info.hardware = crate::hardware::detect_on(&self.device);
         if let Some(measured) = self.service.measured_throughput() {
             info.throughput = measured as f32;
         }
@@ -270,6 +276,7 @@ impl Server {
             idle_timeout: None,
             probe_tracker: true,
             direct_port: Some(0),
+            device: DeviceSpec::Cpu,
         }
     }
 

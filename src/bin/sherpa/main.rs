@@ -8,10 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sherpa_swarm::model_store::{self, FetchProgress, WheelSource, DEFAULT_MODEL};
 use sherpa_swarm::shard::{
-    cpu, ChatMessage, Device, GenerateOptions, LocalModel, ModelFiles, SamplingConfig,
-    TextTokenizer, WeightPrecision,
+    cpu, ChatMessage, GenerateOptions, LocalModel, ModelFiles, SamplingConfig, TextTokenizer,
+    WeightPrecision,
 };
-use sherpa_swarm::SherpaError;
+use sherpa_swarm::{DeviceSpec, SherpaError};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -124,6 +124,10 @@ struct ServeArgs {
     /// Where the server keeps its identity key (default: $SHERPA_HOME/server).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Device to compute on: cpu, cuda[:N] or metal[:N] (GPUs need a build
+    /// with --features cuda or metal).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 /// How a node finds its swarm.
@@ -254,6 +258,10 @@ struct GenerateArgs {
     /// a moment ago may not have announced).
     #[arg(long, default_value_t = 20.0)]
     wait: f64,
+    /// Device to compute on: cpu, cuda[:N] or metal[:N] (GPUs need a build
+    /// with --features cuda or metal).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -394,7 +402,7 @@ fn generate(args: GenerateArgs) -> Result<(), SherpaError> {
     };
     let files = ModelFiles::open(&path)?;
     let tokenizer = TextTokenizer::from_model(&files)?;
-    let model = LocalModel::load(&files, &[], &Device::Cpu, precision)?;
+    let model = LocalModel::load(&files, &[], &args.device.open()?, precision)?;
     let prompt = encode_prompt(&tokenizer, &args.prompt, args.raw)?;
     run_and_print(&model, &tokenizer, &prompt, &options, args.ids)
 }

@@ -155,6 +155,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
         let mut builder = Server::builder(path.to_string_lossy(), blocks)
             .model_id(model.clone())
             .identity(identity)
+            .device(args.device)
             .lan(args.swarm.lan)
             .swarm_key(swarm_key)
             .relay(relay)
@@ -427,6 +428,7 @@ pub(crate) fn generate(args: &GenerateArgs, options: GenerateOptions) -> Result<
             .max_nodes(args.selection.max_nodes)
             .session(session_options(args))
             .wait_for_hosts(Duration::from_secs_f64(args.wait.max(0.0)))
+            .device(args.device)
             .on_event(|event| eprintln!("{event}"))
             .survey(SurveyOptions {
                 // mDNS answers take a second or two to arrive.
