@@ -335,3 +335,49 @@ async fn a_stream_ending_before_the_direct_connection_arrives_keeps_the_session(
     assert_eq!(dims, [1, 1, hidden]);
     driver.abort();
 }
+
+/// A server offers a direct connection, but its port cannot be reached
+/// from where the client is (here: the client tries an address nothing
+/// listens on, as behind a firewall or on another interface). The session
+/// stays on its libp2p stream and computes the same as a direct one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_direct_port_leaves_the_session_on_its_stream() {
+    let s = setup("unreachable-direct", 4, Duration::from_secs(60)).await;
+    let peer = s.server.peer_id();
+    let direct = s
+        .client
+        .open_session(peer, open((0, 4), Dtype::F32))
+        .await
+        .unwrap();
+    assert!(direct.is_direct(), "the control session goes direct");
+    let at = s.server.listen_addrs().await.unwrap()[0].clone();
+    let (mut control, driver) = common::raw_peer(at);
+    let stream = control
+        .open_stream(peer, swarm_dht::session::INFER_STREAM)
+        .await
+        .unwrap();
+    // 127.0.0.9: loopback, but the server's direct listener is bound to
+    // 127.0.0.1 only, so the connection is refused.
+    let mut fallback = swarm_dht::RemoteSession::open(
+        stream,
+        open((0, 4), Dtype::F32),
+        Some([127, 0, 0, 9].into()),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(!fallback.is_direct(), "the session stays on its stream");
+    let mut direct = direct;
+    for step in 0..3 {
+        let x: Vec<f32> = (0..64).map(|i| ((i + step) as f32 * 0.37).sin()).collect();
+        let a = direct.step(&x).await.unwrap();
+        let b = fallback.step(&x).await.unwrap();
+        assert_eq!(
+            a, b,
+            "step {step}: the stream computes what the direct link does"
+        );
+    }
+    fallback.close().await.unwrap();
+    direct.close().await.unwrap();
+    driver.abort();
+}
