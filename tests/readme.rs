@@ -183,7 +183,9 @@ impl Session {
         });
     }
 
-    /// Runs a command to completion (within 5 minutes), requiring success.
+    /// Runs a command to completion, requiring success. The limit only
+    /// catches a hang: `sherpa bench` takes about a minute in a debug build
+    /// on 2 idle cores, several on a busy machine.
     fn run(&self, line: &str) -> (String, String) {
         let out_path = self.home.join("out");
         let err_path = self.home.join("err");
@@ -194,12 +196,12 @@ impl Session {
                 .spawn()
                 .unwrap(),
         );
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let deadline = Instant::now() + Duration::from_secs(20 * 60);
         let status = loop {
             if let Some(status) = child.0.try_wait().unwrap() {
                 break status;
             }
-            assert!(Instant::now() < deadline, "{line:?} ran over 5 minutes");
+            assert!(Instant::now() < deadline, "{line:?} ran over 20 minutes");
             std::thread::sleep(Duration::from_millis(50));
         };
         let stdout = std::fs::read_to_string(&out_path).unwrap();
