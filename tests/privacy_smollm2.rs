@@ -270,12 +270,20 @@ fn a_curious_first_server_recovers_the_prompt() {
         );
         table.push((nn, lin, inv));
     }
-    // With no local blocks the first server reads the prompt outright.
-    assert!(table[0].0 > 0.99, "{table:?}");
+    // The README's table, each figure within 10 points of what it says
+    // (the attacks are deterministic; the margin covers float differences
+    // between CPUs, about one token in ten).
+    let readme = [(1.00, 1.00, 1.00), (0.00, 0.49, 0.74), (0.00, 0.62, 1.00)];
+    for (k, (got, want)) in table.iter().zip(readme).enumerate() {
+        let close = |a: f64, b: f64| (a - b).abs() <= 0.10;
+        assert!(
+            close(got.0, want.0) && close(got.1, want.1) && close(got.2, want.2),
+            "local_blocks = {k}: measured {got:?}, the README says {want:?}"
+        );
+    }
     // Running blocks locally does not make hidden states a cipher: with the
-    // public weights, inversion still recovers most of the prompt.
+    // public weights, inversion recovers at least what the others do.
     for (k, (nn, lin, inv)) in table.iter().enumerate().skip(1) {
         assert!(inv >= lin && inv >= nn, "local_blocks = {k}: {table:?}");
-        assert!(*inv > 0.5, "local_blocks = {k}: {table:?}");
     }
 }

@@ -73,7 +73,8 @@ fn check_against_reference(precision: WeightPrecision, mode: &str) -> f32 {
 fn f32_weights_match_the_reference() {
     // Same dequantized weights, f32 vs the reference's f64 arithmetic.
     let worst = check_against_reference(WeightPrecision::F32, "dequantized");
-    assert!(worst < 2e-3, "f32 logits differ by {worst}");
+    // The README states this bound; measured 3.4e-5.
+    assert!(worst < 1e-4, "f32 logits differ by {worst}");
 }
 
 #[test]
@@ -82,7 +83,8 @@ fn q4_1_weights_match_the_reference() {
     // activations (see swarm-shard's linear.rs), so the quantized engine
     // computes the same function as the dequantized reference.
     let worst = check_against_reference(WeightPrecision::Native, "dequantized");
-    assert!(worst < 2e-3, "Q4_1 logits differ by {worst}");
+    // The README states this bound; measured 3.4e-5.
+    assert!(worst < 1e-4, "Q4_1 logits differ by {worst}");
 }
 
 #[test]
