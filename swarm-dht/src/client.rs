@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use swarm_core::infer::{Dtype, OpenSession, INFER_VERSION};
 use swarm_core::{BlockRange, ModelId};
-use swarm_score::{plan, Candidate, RouteOptions, ServerId};
+use swarm_score::{plan_preferring, step_timeout, Candidate, RouteOptions, ServerId};
 
 use crate::error::DhtError;
 use crate::node::Node;
@@ -111,6 +111,13 @@ struct LiveHop {
     session: RemoteSession,
     /// The input of every step so far, as sent.
     inputs: Vec<Vec<f32>>,
+}
+
+impl LiveHop {
+    /// How long a step of `positions` positions may take here.
+    fn timeout(&self, base: Duration, positions: usize) -> Duration {
+        step_timeout(base, self.secs_per_block, self.step.blocks.len(), positions)
+    }
 }
 
 /// Hidden states through a chain of servers, with failover.
@@ -251,8 +258,7 @@ impl InferenceSession {
 
     /// How long a step of `n` positions may take on `hop`.
     fn timeout_for(&self, hop: &LiveHop, n: usize) -> Duration {
-        let compute = hop.secs_per_block * hop.step.blocks.len() as f64 * n as f64;
-        self.options.step_timeout + Duration::from_secs_f64((4.0 * compute).min(600.0))
+        hop.timeout(self.options.step_timeout, n)
     }
 
     /// Replaces hop `i`, which failed with `error`: plans its blocks over
@@ -390,20 +396,9 @@ impl InferenceSession {
             load: Default::default(),
         };
         let avoid: HashSet<ServerId> = self.failed.union(&self.excluded).copied().collect();
-        let preferred: Vec<Candidate> = self
-            .survey
-            .candidates
-            .iter()
-            .filter(|c| self.preferred.contains(&c.id))
-            .cloned()
-            .collect();
-        let route = match plan(&preferred, span, &options, &avoid) {
-            Ok(route) if !preferred.is_empty() => Ok((route, preferred)),
-            _ => plan(&self.survey.candidates, span, &options, &avoid)
-                .map(|route| (route, self.survey.candidates.clone())),
-        };
-        match route {
-            Ok((route, pool)) => Ok(route
+        let pool = &self.survey.candidates;
+        match plan_preferring(pool, &self.preferred, span, &options, &avoid) {
+            Ok(route) => Ok(route
                 .hops
                 .iter()
                 .map(|hop| (pool[hop.index].clone(), hop.blocks))
@@ -444,9 +439,8 @@ async fn replay(
     for chunk in inputs {
         let mut x = chunk.clone();
         for (j, hop) in hops.iter_mut().enumerate() {
-            let n = x.len() as f64 / f64::from(hop.session.hidden().max(1) as u32);
-            let compute = hop.secs_per_block * hop.step.blocks.len() as f64 * n;
-            let timeout = step_timeout + Duration::from_secs_f64((4.0 * compute).min(600.0));
+            let n = x.len() / hop.session.hidden().max(1);
+            let timeout = hop.timeout(step_timeout, n);
             let out = hop
                 .session
                 .step_within(&x, timeout)

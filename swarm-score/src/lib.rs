@@ -16,7 +16,7 @@ pub mod select;
 
 pub use candidate::{Candidate, ServerId};
 pub use error::ScoreError;
-pub use route::{plan, replan, Hop, Route, RouteOptions};
+pub use route::{plan, plan_preferring, replan, step_timeout, Hop, Route, RouteOptions};
 pub use score::{score, PerformanceScore, ScoreComponents, ScoreWeights};
 pub use select::{select, Overrides, RankedCandidate, Selection, SelectionPolicy, Status};
 

@@ -225,3 +225,48 @@ pub fn replan(
     let cost_secs = hops.iter().map(|h| h.cost_secs).sum();
     Ok(Route { hops, cost_secs })
 }
+
+/// [`plan`] over the `preferred` servers (a selection) when they cover
+/// `span`, else over every candidate: the selection is used first, and the
+/// rest of the swarm only where it has a hole (e.g. after failures). Hop
+/// indexes refer to `candidates` either way.
+pub fn plan_preferring(
+    candidates: &[Candidate],
+    preferred: &HashSet<ServerId>,
+    span: BlockRange,
+    options: &RouteOptions,
+    avoid: &HashSet<ServerId>,
+) -> Result<Route, ScoreError> {
+    let chosen: Vec<usize> = (0..candidates.len())
+        .filter(|&i| preferred.contains(&candidates[i].id))
+        .collect();
+    if !chosen.is_empty() {
+        let subset: Vec<Candidate> = chosen.iter().map(|&i| candidates[i].clone()).collect();
+        if let Ok(mut route) = plan(&subset, span, options, avoid) {
+            for hop in &mut route.hops {
+                hop.index = chosen[hop.index];
+            }
+            return Ok(route);
+        }
+    }
+    plan(candidates, span, options, avoid)
+}
+
+/// Longest a step of `positions` positions through `blocks` blocks may
+/// take on a server that spends `secs_per_block` per position and block,
+/// before it counts as stalled: `base` (for the network and a slow spell)
+/// plus four times its expected compute, capped at ten minutes of compute.
+pub fn step_timeout(
+    base: std::time::Duration,
+    secs_per_block: f64,
+    blocks: u32,
+    positions: usize,
+) -> std::time::Duration {
+    let compute = secs_per_block.max(0.0) * f64::from(blocks) * positions as f64;
+    let extra = if compute.is_finite() {
+        (4.0 * compute).min(600.0)
+    } else {
+        600.0
+    };
+    base + std::time::Duration::from_secs_f64(extra)
+}

@@ -9,8 +9,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use swarm_core::{BlockRange, GpuInfo, HardwareInfo};
 use swarm_score::{
-    plan, replan, score, select, Candidate, Overrides, RouteOptions, ScoreError, ScoreWeights,
-    SelectionPolicy, Status,
+    plan, plan_preferring, replan, score, select, step_timeout, Candidate, Overrides, RouteOptions,
+    ScoreError, ScoreWeights, SelectionPolicy, Status,
 };
 
 fn r(a: u32, b: u32) -> BlockRange {
@@ -426,4 +426,46 @@ proptest! {
             Err(e) => prop_assert!(false, "{e}"),
         }
     }
+}
+
+#[test]
+fn the_selection_is_routed_over_first_and_the_rest_only_fills_holes() {
+    // A fast server outside the selection, and a selected pair covering
+    // the span: the pair is used.
+    let mut fast = node(1, r(0, 20));
+    fast.throughput = 50_000.0;
+    let swarm = vec![fast, node(2, r(0, 10)), node(3, r(10, 20))];
+    let chosen: HashSet<_> = [[2; 32], [3; 32]].into_iter().collect();
+    let none = HashSet::new();
+    let options = RouteOptions::default();
+    let route = plan_preferring(&swarm, &chosen, r(0, 20), &options, &none).unwrap();
+    let used: Vec<usize> = route.hops.iter().map(|h| h.index).collect();
+    assert_eq!(used, [1, 2], "indexes refer to the whole swarm");
+    // One of the pair failed: the selection has a hole, so the whole swarm
+    // is planned over.
+    let failed: HashSet<_> = [[3; 32]].into_iter().collect();
+    let route = plan_preferring(&swarm, &chosen, r(0, 20), &options, &failed).unwrap();
+    assert_eq!(route.hops.len(), 1);
+    assert_eq!(route.hops[0].index, 0);
+    // No selection: plain planning.
+    let route = plan_preferring(&swarm, &none, r(0, 20), &options, &none).unwrap();
+    assert_eq!(route, plan(&swarm, r(0, 20), &options, &none).unwrap());
+}
+
+#[test]
+fn step_timeouts_grow_with_the_work_and_stay_bounded() {
+    let base = Duration::from_secs(5);
+    assert_eq!(step_timeout(base, 0.0, 10, 1), base);
+    // 10 blocks x 100 positions x 1 ms = 1 s of compute, allowed 4 s more.
+    assert_eq!(step_timeout(base, 1e-3, 10, 100), Duration::from_secs(9));
+    // Absurd figures are capped, never infinite or negative.
+    assert_eq!(
+        step_timeout(base, f64::INFINITY, 10, 1),
+        base + Duration::from_secs(600)
+    );
+    assert_eq!(step_timeout(base, -1.0, 10, 1), base);
+    assert_eq!(
+        step_timeout(base, 1.0, 1000, 100_000),
+        base + Duration::from_secs(600)
+    );
 }
