@@ -122,11 +122,14 @@ impl Swarm {
         let node = Node::start(
             NodeConfig::new(k.clone())
                 .with_bootstrap(vec![self.addr.clone()])
-                .with_record_ttl(TTL)
-                .with_inference(Arc::new(service)),
+                .with_record_ttl(TTL),
         )
         .await
         .unwrap();
+        Arc::new(service)
+            .serve_on(&node, Some([127, 0, 0, 1].into()))
+            .await
+            .unwrap();
         let info = self.info(&k, name, blocks, throughput);
         self.tasks
             .push(announce_periodically(node.clone(), k, info, REFRESH, TTL));

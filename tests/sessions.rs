@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use sherpa_swarm::backend::ShardBackend;
 use swarm_core::infer::{Dtype, OpenSession, Refusal, INFER_VERSION};
 use swarm_core::{BlockRange, ModelId, NodeKey};
-use swarm_dht::{DhtError, InferenceService, Node, NodeConfig};
+use swarm_dht::{DhtError, InferenceService, Node, NodeConfig, RemoteSession};
 use swarm_shard::tiny::TinyModelSpec;
 use swarm_shard::{
     BlockShard, CacheBudget, ClientHead, DType, Device, ModelFiles, SessionCache, WeightPrecision,
@@ -69,7 +69,9 @@ async fn setup(name: &str, budget_sessions: u64, idle: Duration) -> Setup {
         Arc::new(ShardBackend::new(shard.clone(), budget.clone())),
     )
     .with_idle_timeout(idle);
-    let server = Node::start(NodeConfig::new(key(1)).with_inference(Arc::new(service)))
+    let server = Node::start(NodeConfig::new(key(1))).await.unwrap();
+    Arc::new(service)
+        .serve_on(&server, Some([127, 0, 0, 1].into()))
         .await
         .unwrap();
     let at = server.listen_addrs().await.unwrap()[0].clone();
@@ -124,28 +126,26 @@ async fn two_hops_equal_the_local_span() {
     let mut local = s.shard.new_session(16, &budget).unwrap();
     // Each element type, on a direct connection and on the libp2p stream.
     for (dtype, direct) in [(Dtype::F32, true), (Dtype::F16, true), (Dtype::F32, false)] {
-        let mut first = s
-            .client
-            .open_session(
-                s.server.peer_id(),
-                OpenSession {
-                    direct,
-                    ..open((0, 2), dtype)
-                },
-            )
-            .await
-            .unwrap();
-        let mut second = s
-            .client
-            .open_session(
-                s.server.peer_id(),
-                OpenSession {
-                    direct,
-                    ..open((2, 4), dtype)
-                },
-            )
-            .await
-            .unwrap();
+        let mut first = RemoteSession::connect(
+            &s.client,
+            s.server.peer_id(),
+            OpenSession {
+                direct,
+                ..open((0, 2), dtype)
+            },
+        )
+        .await
+        .unwrap();
+        let mut second = RemoteSession::connect(
+            &s.client,
+            s.server.peer_id(),
+            OpenSession {
+                direct,
+                ..open((2, 4), dtype)
+            },
+        )
+        .await
+        .unwrap();
         assert_eq!(first.is_direct(), direct);
         assert_eq!(second.is_direct(), direct);
         let mut local_dtype = s.shard.new_session(16, &budget).unwrap();
@@ -185,12 +185,10 @@ async fn two_hops_equal_the_local_span() {
 async fn the_budget_refuses_clearly_and_bad_requests_are_refused() {
     let s = setup("budget", 1, Duration::from_secs(60)).await;
     let peer = s.server.peer_id();
-    let held = s
-        .client
-        .open_session(peer, open((0, 2), Dtype::F16))
+    let held = RemoteSession::connect(&s.client, peer, open((0, 2), Dtype::F16))
         .await
         .unwrap();
-    match s.client.open_session(peer, open((2, 4), Dtype::F16)).await {
+    match RemoteSession::connect(&s.client, peer, open((2, 4), Dtype::F16)).await {
         Err(DhtError::Refused(Refusal::Busy { needed: 16, free })) => assert!(free < 16),
         other => panic!("expected a Busy refusal, got {other:?}"),
     }
@@ -198,19 +196,19 @@ async fn the_budget_refuses_clearly_and_bad_requests_are_refused() {
     let mut beyond = open((2, 6), Dtype::F16);
     beyond.blocks = BlockRange::new(2, 6).unwrap();
     assert!(matches!(
-        s.client.open_session(peer, beyond).await,
+        RemoteSession::connect(&s.client, peer, beyond).await,
         Err(DhtError::Refused(Refusal::NotHosted { .. }))
     ));
     let mut other_model = open((0, 2), Dtype::F16);
     other_model.model = ModelId::new("other").unwrap();
     assert!(matches!(
-        s.client.open_session(peer, other_model).await,
+        RemoteSession::connect(&s.client, peer, other_model).await,
         Err(DhtError::Refused(Refusal::WrongModel { .. }))
     ));
     let mut future = open((0, 2), Dtype::F16);
     future.version = INFER_VERSION + 1;
     assert!(matches!(
-        s.client.open_session(peer, future).await,
+        RemoteSession::connect(&s.client, peer, future).await,
         Err(DhtError::Refused(Refusal::Version { .. }))
     ));
     // Lengths of 0 or past the model's context.
@@ -218,7 +216,7 @@ async fn the_budget_refuses_clearly_and_bad_requests_are_refused() {
     for asked in [0, context + 1] {
         let mut length = open((0, 2), Dtype::F16);
         length.max_length = asked;
-        match s.client.open_session(peer, length).await {
+        match RemoteSession::connect(&s.client, peer, length).await {
             Err(DhtError::Refused(Refusal::Length {
                 asked: a,
                 context: c,
@@ -234,9 +232,7 @@ async fn the_budget_refuses_clearly_and_bad_requests_are_refused() {
         budget_returns(&s.budget).await,
         "a broken session frees its cache"
     );
-    let again = s
-        .client
-        .open_session(peer, open((2, 4), Dtype::F16))
+    let again = RemoteSession::connect(&s.client, peer, open((2, 4), Dtype::F16))
         .await
         .unwrap();
     again.close().await.unwrap();
@@ -247,9 +243,7 @@ async fn idle_sessions_time_out_and_garbage_ends_only_its_stream() {
     use futures::{AsyncReadExt, AsyncWriteExt};
     let s = setup("idle", 2, Duration::from_millis(500)).await;
     let peer = s.server.peer_id();
-    let idle = s
-        .client
-        .open_session(peer, open((0, 2), Dtype::F16))
+    let idle = RemoteSession::connect(&s.client, peer, open((0, 2), Dtype::F16))
         .await
         .unwrap();
     assert!(s.budget.available() < s.budget.limit());
@@ -277,9 +271,7 @@ async fn idle_sessions_time_out_and_garbage_ends_only_its_stream() {
         assert!(ended.is_ok(), "the server ends a garbage stream");
     }
     driver.abort();
-    let mut session = s
-        .client
-        .open_session(peer, open((0, 2), Dtype::F32))
+    let mut session = RemoteSession::connect(&s.client, peer, open((0, 2), Dtype::F32))
         .await
         .unwrap();
     let out = session.step(&vec![0.1; 64]).await.unwrap();
@@ -344,9 +336,7 @@ async fn a_stream_ending_before_the_direct_connection_arrives_keeps_the_session(
 async fn an_unreachable_direct_port_leaves_the_session_on_its_stream() {
     let s = setup("unreachable-direct", 4, Duration::from_secs(60)).await;
     let peer = s.server.peer_id();
-    let direct = s
-        .client
-        .open_session(peer, open((0, 4), Dtype::F32))
+    let direct = RemoteSession::connect(&s.client, peer, open((0, 4), Dtype::F32))
         .await
         .unwrap();
     assert!(direct.is_direct(), "the control session goes direct");

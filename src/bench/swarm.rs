@@ -39,11 +39,10 @@ pub async fn echo_server() -> Result<Node, SherpaError> {
         blocks: BlockRange::new(0, 1)?,
     };
     let service = InferenceService::new(ModelId::new("echo")?, Arc::new(backend));
-    let node = Node::start(
-        NodeConfig::new(swarm_dht::identity::ephemeral_node_key())
-            .with_inference(Arc::new(service)),
-    )
-    .await?;
+    let config = NodeConfig::new(swarm_dht::identity::ephemeral_node_key());
+    let bind = swarm_dht::node::direct_bind_ip(&config.listen);
+    let node = Node::start(config).await?;
+    Arc::new(service).serve_on(&node, bind).await?;
     Ok(node)
 }
 
@@ -121,7 +120,7 @@ pub async fn echo_session(
         dtype: Dtype::F32,
         direct,
     };
-    let session = client.open_session(server.peer_id(), open).await?;
+    let session = RemoteSession::connect(&client, server.peer_id(), open).await?;
     Ok((client, session))
 }
 

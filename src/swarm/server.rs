@@ -124,17 +124,19 @@ impl ServerBuilder {
             service = service.with_idle_timeout(idle);
         }
         let service = Arc::new(service.with_direct(self.direct_port));
-        let node = Node::start(
-            SwarmSettings {
-                key: Some(key.clone()),
-                ..self.swarm.clone()
-            }
-            .config()
-            .with_relay(self.relay)
-            .with_record_ttl(self.record_ttl)
-            .with_inference(service.clone()),
-        )
-        .await?;
+        let config = SwarmSettings {
+            key: Some(key.clone()),
+            ..self.swarm.clone()
+        }
+        .config()
+        .with_relay(self.relay)
+        .with_record_ttl(self.record_ttl);
+        let bind = swarm_dht::node::direct_bind_ip(&config.listen);
+        let node = Node::start(config).await?;
+        if let Err(e) = service.clone().serve_on(&node, bind).await {
+            node.shutdown().await;
+            return Err(e.into());
+        }
         let per_token = SessionCache::bytes_needed(shard.config(), blocks, 1, DType::F32).max(1);
         let mut info = ServerInfo::new(
             key.public_key(),

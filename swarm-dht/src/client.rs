@@ -356,7 +356,7 @@ impl InferenceSession {
                     dtype: self.options.dtype,
                     direct: self.options.direct,
                 };
-                match self.node.open_session(step.peer, open).await {
+                match RemoteSession::connect(&self.node, step.peer, open).await {
                     Ok(session) => hops.push(LiveHop {
                         step: RouteStep {
                             direct: session.is_direct(),

@@ -96,10 +96,6 @@ impl InferenceService {
         self
     }
 
-    pub(crate) fn direct_port(&self) -> Option<u16> {
-        self.direct
-    }
-
     /// The port direct connections arrive at, once the node listens.
     pub fn direct_listen_port(&self) -> Option<u16> {
         self.hub.get().map(DirectHub::port)
@@ -119,6 +115,26 @@ impl InferenceService {
     /// Positions a new session over the whole span could still reserve.
     pub fn free_positions(&self) -> u64 {
         self.backend.free_positions(self.backend.blocks())
+    }
+
+    /// Starts serving sessions on `node`: accepts the inference protocol
+    /// there and, when direct connections are on, listens for them on
+    /// `bind` (see [`crate::node::direct_bind_ip`]; `None` keeps every
+    /// session on its stream). Its tasks are tied to the node, so stopping
+    /// the node ends every session, direct ones included. Call it before
+    /// the server announces itself.
+    pub async fn serve_on(
+        self: Arc<Self>,
+        node: &crate::Node,
+        bind: Option<IpAddr>,
+    ) -> Result<(), DhtError> {
+        let incoming = node.accept(INFER_STREAM)?;
+        if let (Some(port), Some(ip)) = (self.direct, bind) {
+            let (hub, listener) = DirectHub::listen(ip, port).await?;
+            self.set_direct(hub);
+            node.tie(listener).await?;
+        }
+        node.tie(tokio::spawn(self.serve(incoming))).await
     }
 
     /// Serves sessions arriving on `incoming` until the node stops; when
@@ -531,7 +547,43 @@ fn refused(response: Response) -> DhtError {
     }
 }
 
+/// How often opening a session is tried again when its stream is lost
+/// before the server answers.
+const OPEN_RETRIES: u32 = 5;
+
 impl RemoteSession {
+    /// Opens a session with `peer` through `node` for one hop, on a direct
+    /// connection when `open.direct` and the server offers one.
+    pub async fn connect(
+        node: &crate::Node,
+        peer: crate::PeerId,
+        open: OpenSession,
+    ) -> Result<Self, DhtError> {
+        // libp2p-stream hands a server one inbound stream at a time and
+        // resets the ones arriving while it is busy, so a burst of opens
+        // loses some before the server reads them: those are tried again.
+        let mut attempt = 0;
+        loop {
+            let stream = node.open_stream(peer, INFER_STREAM).await?;
+            let ip = if open.direct {
+                node.direct_ip(peer).await?
+            } else {
+                None
+            };
+            let mut open = open.clone();
+            open.direct = ip.is_some();
+            match Self::open(stream, open, ip, node.request_timeout()).await {
+                Err(DhtError::StreamLost(why)) if attempt < OPEN_RETRIES => {
+                    tracing::debug!(%peer, %why, attempt, "session stream lost before an answer; retrying");
+                    let jitter = rand::random_range(0..10);
+                    tokio::time::sleep(Duration::from_millis((10 << attempt) + jitter)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Opens a session on `stream`; when the server offers a direct
     /// connection and `ip` (the server's address) is known, moves it there.
     pub async fn open(

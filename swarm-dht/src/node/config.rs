@@ -1,13 +1,11 @@
 //! What a node is started with.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::{multiaddr::Protocol, Multiaddr};
 use swarm_core::NodeKey;
 
 use crate::identity::SwarmKey;
-use crate::session::InferenceService;
 
 /// Settings of a node.
 #[derive(Debug, Clone)]
@@ -33,8 +31,6 @@ pub struct NodeConfig {
     pub relay_server: bool,
     /// When to make this node reachable through its bootstrap peers' relays.
     pub relay: RelayMode,
-    /// The inference sessions this node serves, if it is a server.
-    pub inference: Option<Arc<InferenceService>>,
 }
 
 /// When a node listens through a relay (circuit relay v2) on its bootstrap
@@ -66,14 +62,7 @@ impl NodeConfig {
             swarm_key: None,
             relay_server: false,
             relay: RelayMode::Auto,
-            inference: None,
         }
-    }
-
-    /// Serves inference sessions with `service`.
-    pub fn with_inference(mut self, service: Arc<InferenceService>) -> Self {
-        self.inference = Some(service);
-        self
     }
 
     /// Joins only the private swarm of `key`.
@@ -138,4 +127,17 @@ pub fn loopback_quic() -> Multiaddr {
         .with(Protocol::Ip4(std::net::Ipv4Addr::LOCALHOST))
         .with(Protocol::Udp(0))
         .with(Protocol::QuicV1)
+}
+
+/// The address a server's direct listener binds to for a node listening
+/// on `listen`: the first TCP listen address's IP (so all interfaces stay
+/// all interfaces), else any IP there; `None` when every address is
+/// relayed.
+pub fn direct_bind_ip(listen: &[Multiaddr]) -> Option<std::net::IpAddr> {
+    use super::transport::{direct_ip_of, is_quic};
+    listen
+        .iter()
+        .find(|a| !is_quic(a))
+        .and_then(direct_ip_of)
+        .or_else(|| listen.iter().find_map(direct_ip_of))
 }

@@ -47,6 +47,7 @@ pub(super) enum Command {
     DirectIp(PeerId, Reply<Option<IpAddr>>),
     Catalog(Reply<swarm_core::catalog::Catalog>),
     ConnectedPeers(Reply<Vec<PeerId>>),
+    Tie(tokio::task::JoinHandle<()>),
 }
 
 impl std::fmt::Debug for Command {
@@ -200,6 +201,7 @@ impl EventLoop {
             Command::Catalog(reply) => {
                 let _ = reply.send(catalog::catalog_of(kad.store_mut(), now_ms()));
             }
+            Command::Tie(task) => self.tasks.push(task),
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }

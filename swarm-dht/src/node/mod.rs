@@ -9,10 +9,11 @@ mod event_loop;
 mod listing;
 mod transport;
 
-pub use config::{loopback, loopback_quic, NodeConfig, RelayMode};
+pub use config::{direct_bind_ip, loopback, loopback_quic, NodeConfig, RelayMode};
 pub use listing::{ListedServer, ServerListing};
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,15 +24,13 @@ use swarm_core::{ModelId, ServerInfo, SignedRecord};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::catalog;
-use crate::direct::DirectHub;
 use crate::error::DhtError;
 use crate::keys::{block_key, keypair, model_key, peer_id_of, server_record_key};
 use crate::probe;
-use crate::session::{self, RemoteSession};
 
 use self::behaviour::{Behaviour, BehaviourSettings};
 use self::event_loop::{Command, EventLoop};
-use self::transport::{direct_ip_of, is_quic, transport};
+use self::transport::{is_quic, transport};
 
 /// What a node refused to store for others, since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -87,15 +86,6 @@ impl Node {
         let catalogs = control
             .accept(catalog::CATALOG_PROTOCOL)
             .map_err(|e| DhtError::Transport(e.to_string()))?;
-        let sessions = match &config.inference {
-            Some(service) => Some((
-                service.clone(),
-                control
-                    .accept(session::INFER_STREAM)
-                    .map_err(|e| DhtError::Transport(e.to_string()))?,
-            )),
-            None => None,
-        };
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
             .with_tokio()
             .with_other_transport(|key| {
@@ -155,27 +145,6 @@ impl Node {
                 other => early.push(other),
             }
         }
-        // A server's direct listener for its sessions' data, on the address
-        // its first TCP listener was asked for (all interfaces stay all
-        // interfaces).
-        let mut direct_task = None;
-        if let Some((service, port)) = config
-            .inference
-            .as_ref()
-            .and_then(|s| Some((s, s.direct_port()?)))
-        {
-            let ip = config
-                .listen
-                .iter()
-                .find(|a| !is_quic(a))
-                .and_then(direct_ip_of)
-                .or_else(|| config.listen.iter().find_map(direct_ip_of));
-            if let Some(ip) = ip {
-                let (hub, task) = DirectHub::listen(ip, port).await?;
-                service.set_direct(hub);
-                direct_task = Some(task);
-            }
-        }
         for addr in &config.bootstrap {
             let Some(Protocol::P2p(peer)) = addr.iter().last() else {
                 return Err(DhtError::Transport(format!(
@@ -204,7 +173,7 @@ impl Node {
         };
         let (commands, rx) = mpsc::channel(256);
         let (stop, stop_rx) = mpsc::channel(1);
-        let mut event_loop = EventLoop {
+        let event_loop = EventLoop {
             swarm,
             commands: rx,
             stop: stop_rx,
@@ -223,11 +192,8 @@ impl Node {
             records: HashMap::new(),
             pings: HashMap::new(),
             direct_ips: HashMap::new(),
-            tasks: direct_task.into_iter().collect(),
+            tasks: Vec::new(),
         };
-        if let Some((service, incoming)) = sessions {
-            event_loop.tasks.push(tokio::spawn(service.serve(incoming)));
-        }
         tokio::spawn(event_loop.run(early));
         tokio::spawn(probe::serve_probes(probes));
         let node = Self {
@@ -424,36 +390,23 @@ impl Node {
         probe::run_probe(stream, bytes, self.timeout).await
     }
 
-    /// Opens an inference session with `peer` for one hop.
-    pub async fn open_session(
-        &self,
-        peer: PeerId,
-        open: swarm_core::infer::OpenSession,
-    ) -> Result<RemoteSession, DhtError> {
-        // libp2p-stream hands a server one inbound stream at a time and
-        // resets the ones arriving while it is busy, so a burst of opens
-        // loses some before the server reads them: those are tried again.
-        let mut attempt = 0;
-        loop {
-            let stream = self.open_stream(peer, session::INFER_STREAM).await?;
-            let ip = if open.direct {
-                self.ask("a peer's address", |reply| Command::DirectIp(peer, reply))
-                    .await?
-            } else {
-                None
-            };
-            let mut open = open.clone();
-            open.direct = ip.is_some();
-            match RemoteSession::open(stream, open, ip, self.timeout).await {
-                Err(DhtError::StreamLost(why)) if attempt < OPEN_RETRIES => {
-                    tracing::debug!(%peer, %why, attempt, "session stream lost before an answer; retrying");
-                    let jitter = rand::random_range(0..10);
-                    tokio::time::sleep(Duration::from_millis((10 << attempt) + jitter)).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
+    /// The address of this node's direct (not relayed) connection to
+    /// `peer`, if it has one.
+    pub(crate) async fn direct_ip(&self, peer: PeerId) -> Result<Option<IpAddr>, DhtError> {
+        self.ask("a peer's address", |reply| Command::DirectIp(peer, reply))
+            .await
+    }
+
+    /// Ties `task` to the node: it is aborted when the node stops (at once,
+    /// if it has stopped already).
+    pub async fn tie(&self, task: tokio::task::JoinHandle<()>) -> Result<(), DhtError> {
+        let abort = task.abort_handle();
+        let sent = tokio::time::timeout(self.timeout, self.commands.send(Command::Tie(task))).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            abort.abort();
+            return Err(DhtError::Stopped);
         }
+        Ok(())
     }
 
     /// Accepts inbound streams of `protocol`, for an application's own
@@ -546,10 +499,6 @@ impl WeakNode {
             .map_err(|_| DhtError::Stopped)
     }
 }
-
-/// How often opening a session is tried again when its stream is lost
-/// before the server answers.
-const OPEN_RETRIES: u32 = 5;
 
 /// How much longer than a Kademlia query a caller waits for its answer.
 const REPLY_GRACE: Duration = Duration::from_secs(2);
