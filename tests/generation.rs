@@ -119,13 +119,7 @@ impl Swarm {
         let backend = ShardBackend::new(shard, budget.clone());
         let service = InferenceService::new(model(), Arc::new(backend));
         let k = key(i);
-        let node = Node::start(
-            NodeConfig::new(k.clone())
-                .with_bootstrap(vec![self.addr.clone()])
-                .with_record_ttl(TTL),
-        )
-        .await
-        .unwrap();
+        let node = self.node(&k).await;
         Arc::new(service)
             .serve_on(&node, Some([127, 0, 0, 1].into()))
             .await
@@ -135,6 +129,17 @@ impl Swarm {
             .push(announce_periodically(node.clone(), k, info, REFRESH, TTL));
         self.servers.push((name.to_owned(), node.clone(), budget));
         node
+    }
+
+    /// A node of identity `k` joined to the swarm.
+    async fn node(&self, k: &NodeKey) -> Node {
+        Node::start(
+            NodeConfig::new(k.clone())
+                .with_bootstrap(vec![self.addr.clone()])
+                .with_record_ttl(TTL),
+        )
+        .await
+        .unwrap()
     }
 
     /// A server announcing `blocks` at `throughput`, that answers sessions
@@ -148,13 +153,7 @@ impl Swarm {
         bad: Bad,
     ) -> Node {
         let k = key(i);
-        let node = Node::start(
-            NodeConfig::new(k.clone())
-                .with_bootstrap(vec![self.addr.clone()])
-                .with_record_ttl(TTL),
-        )
-        .await
-        .unwrap();
+        let node = self.node(&k).await;
         let mut incoming = node.accept(INFER_STREAM).unwrap();
         let hidden = self.files.config().hidden_size;
         self.tasks.push(tokio::spawn(async move {

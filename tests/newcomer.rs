@@ -108,6 +108,25 @@ fn local_ids(home: &Path) -> String {
     ids
 }
 
+/// A `generate --wait 1` that must fail; its stderr.
+fn generate_fails(home: &Path, tracker: &str) -> String {
+    let out = generate(home, tracker, &["--wait", "1"]).output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `sherpa nodes --json --no-probe` against `tracker`.
+fn nodes_json(home: &Path, tracker: &str) -> serde_json::Value {
+    let stdout = common::output_ok(sherpa(home).args([
+        "nodes",
+        "--json",
+        "--no-probe",
+        "--tracker",
+        tracker,
+    ]));
+    serde_json::from_slice(&stdout).unwrap()
+}
+
 struct Home(PathBuf);
 
 impl Drop for Home {
@@ -173,11 +192,7 @@ fn a_client_waits_for_blocks_that_have_no_server_yet() {
     first.addr();
 
     // Nothing hosts 15..30 and nothing comes: a clear error after --wait.
-    let out = generate(home, &tracker_addr, &["--wait", "1"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = generate_fails(home, &tracker_addr);
     assert!(
         stderr.contains("blocks 15..30 of smollm2-135m have no host yet"),
         "{stderr}"
@@ -263,14 +278,7 @@ fn servers_given_a_file_are_found_and_other_models_are_named() {
         text.contains("2 servers of lab-llama (30 blocks)"),
         "{text}"
     );
-    let json: serde_json::Value = serde_json::from_slice(&common::output_ok(sherpa(home).args([
-        "nodes",
-        "--json",
-        "--no-probe",
-        "--tracker",
-        &tracker_addr,
-    ])))
-    .unwrap();
+    let json = nodes_json(home, &tracker_addr);
     assert_eq!(
         json["served_models"],
         serde_json::json!([{"model": "lab-llama", "model_blocks": 30, "servers": 2}]),
@@ -296,11 +304,7 @@ fn servers_given_a_file_are_found_and_other_models_are_named() {
     );
 
     // A client of the default model fails, naming what the swarm serves.
-    let out = generate(home, &tracker_addr, &["--wait", "1"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = generate_fails(home, &tracker_addr);
     assert!(
         stderr.contains("no server of smollm2-135m")
             && stderr.contains("lab-llama (30 blocks, 2 servers)"),
@@ -311,14 +315,7 @@ fn servers_given_a_file_are_found_and_other_models_are_named() {
     // model's own name, so the default finds it.
     let c = serve(home, &tracker_addr, "0..30", &["--model", renamed]);
     c.addr();
-    let json: serde_json::Value = serde_json::from_slice(&common::output_ok(sherpa(home).args([
-        "nodes",
-        "--json",
-        "--no-probe",
-        "--tracker",
-        &tracker_addr,
-    ])))
-    .unwrap();
+    let json = nodes_json(home, &tracker_addr);
     let servers = json["servers"].as_array().unwrap();
     assert_eq!(servers.len(), 1, "{json}");
     assert_eq!(servers[0]["model"], "smollm2-135m");

@@ -152,29 +152,9 @@ pub fn interrupt(child: &mut ChildGuard) {
     assert!(status.success(), "exits cleanly on Ctrl-C: {status}");
 }
 
-/// A bare libp2p peer (TCP + Noise + yamux, no Sherpa behaviours) dialled
-/// to `addr`, that can open raw streams on any protocol: how the tests play
-/// a hostile peer. The task drives its swarm until aborted.
-pub fn raw_peer(addr: libp2p::Multiaddr) -> (libp2p_stream::Control, tokio::task::JoinHandle<()>) {
-    use futures::StreamExt;
-    let streams = libp2p_stream::Behaviour::new();
-    let control = streams.new_control();
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| streams)
-        .unwrap()
-        .build();
-    swarm.dial(addr).unwrap();
-    let driver = tokio::spawn(async move {
-        loop {
-            swarm.select_next_some().await;
-        }
-    });
-    (control, driver)
-}
+/// A bare libp2p peer for playing hostile peers, shared with the network
+/// crate's own tests.
+#[path = "../../swarm-dht/tests/common/mod.rs"]
+mod raw;
+#[allow(unused_imports)]
+pub use raw::raw_peer;
