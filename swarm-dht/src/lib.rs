@@ -37,7 +37,9 @@ pub use libp2p::{multiaddr, Multiaddr, PeerId, Stream, StreamProtocol};
 pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListing};
 pub use probe::Bandwidth;
 pub use session::{InferenceService, Link, RemoteSession};
-pub use survey::{survey, survey_hosted, unhosted, HostWait, Survey, SurveyOptions};
+pub use survey::{
+    survey, survey_hosted, unhosted, wait_for_hosts, HostWait, Survey, SurveyOptions,
+};
 
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";

@@ -297,7 +297,24 @@ pub async fn survey_hosted(
     on_wait: &mut (dyn FnMut(&HostWait) + Send),
 ) -> Result<Survey, DhtError> {
     let deadline = Instant::now() + wait;
-    let mut found = survey(node, model, options).await?;
+    let found = survey(node, model, options).await?;
+    wait_for_hosts(node, model, options, found, span, deadline, wait, on_wait).await
+}
+
+/// The waiting half of [`survey_hosted`], going on from a survey the
+/// caller already has (`found`) until `deadline`; `limit` is the whole
+/// wait, as told to `on_wait`.
+#[allow(clippy::too_many_arguments)]
+pub async fn wait_for_hosts(
+    node: &Node,
+    model: &ModelId,
+    options: &SurveyOptions,
+    mut found: Survey,
+    span: Option<BlockRange>,
+    deadline: Instant,
+    limit: Duration,
+    on_wait: &mut (dyn FnMut(&HostWait) + Send),
+) -> Result<Survey, DhtError> {
     let mut told: Option<(Vec<BlockRange>, usize)> = None;
     while let Some(missing) = unhosted(&found.listing, span) {
         if Instant::now() >= deadline {
@@ -314,7 +331,7 @@ pub async fn survey_hosted(
                 model: model.clone(),
                 missing: missing.clone(),
                 servers,
-                limit: wait,
+                limit,
                 serving,
             });
             told = Some((missing, servers));

@@ -255,16 +255,16 @@ async fn survey_and_show(
     // is shown as it is, with no wait for the default.
     let show_all = !explicit && survey.listing.servers.is_empty() && !served.is_empty();
     if !show_all && dht::unhosted(&survey.listing, None).is_some() {
-        let quick = SurveyOptions {
-            settle: Duration::ZERO,
-            ..options.clone()
-        };
-        survey = dht::survey_hosted(
+        let wait = Duration::from_secs_f64(args.wait.max(0.0));
+        let deadline = std::time::Instant::now() + wait;
+        survey = dht::wait_for_hosts(
             node,
             model,
-            &quick,
+            &options,
+            survey,
             None,
-            Duration::from_secs_f64(args.wait.max(0.0)),
+            deadline,
+            wait,
             &mut |wait| eprintln!("{wait}"),
         )
         .await?;
