@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use swarm_core::{BlockRange, ModelId, NodeKey, ServerInfo};
 use swarm_dht::{InferenceService, Multiaddr, Node, NodeIdentity, PeerId, RelayMode, SwarmKey};
-use swarm_shard::{BlockShard, CacheBudget, DType, ModelFiles, SessionCache, WeightPrecision};
+use swarm_shard::{BlockShard, CacheBudget, ModelFiles, WeightPrecision};
 
 use crate::backend::ShardBackend;
 use crate::model_store;
@@ -137,7 +137,6 @@ impl ServerBuilder {
             node.shutdown().await;
             return Err(e.into());
         }
-        let per_token = SessionCache::bytes_needed(shard.config(), blocks, 1, DType::F32).max(1);
         let mut info = ServerInfo::new(
             key.public_key(),
             model,
@@ -145,7 +144,7 @@ impl ServerBuilder {
             shard.config().num_hidden_layers as u32,
         );
         info.throughput = throughput;
-        info.cache_tokens_free = self.cache_bytes / per_token;
+        info.cache_tokens_free = service.free_positions();
         info.hardware = crate::hardware::detect_on(&self.device);
         info.public_name = self.name.clone().unwrap_or_else(|| {
             // Peer ids share a long prefix; their end tells them apart.
