@@ -23,21 +23,9 @@ use crate::error::DhtError;
 /// File name of the key inside a data directory.
 pub const KEY_FILE: &str = "node.key";
 
-/// Loads the key from `dir`, creating a fresh random one (and the
-/// directory) on first use. A corrupt key file is an error, never silently
-/// replaced: replacing it would change the node's identity.
-///
-/// Takes no lock: a node that runs for a while should hold its key with
-/// [`NodeIdentity::claim`] instead.
-pub fn load_or_create_node_key(dir: &Path) -> Result<NodeKey, DhtError> {
-    std::fs::create_dir_all(dir).map_err(|source| DhtError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
-    load_or_create_key_file(&dir.join(KEY_FILE))
-}
-
-/// Reads the key at `path`, or creates it there when there is none.
+/// Reads the key at `path`, or creates a fresh random one there when
+/// there is none. A corrupt key file is an error, never silently replaced:
+/// replacing it would change the node's identity.
 fn load_or_create_key_file(path: &Path) -> Result<NodeKey, DhtError> {
     let path = path.to_owned();
     match std::fs::read(&path) {
@@ -269,8 +257,8 @@ mod tests {
     fn the_key_is_created_once_and_then_reused() {
         let dir = std::env::temp_dir().join(format!("sherpa-key-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let first = load_or_create_node_key(&dir).unwrap();
-        let again = load_or_create_node_key(&dir).unwrap();
+        let first = NodeIdentity::claim(&dir).unwrap().key().clone();
+        let again = NodeIdentity::claim(&dir).unwrap().key().clone();
         assert_eq!(first.public_key(), again.public_key());
         #[cfg(unix)]
         {
@@ -282,7 +270,7 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::write(dir.join(KEY_FILE), b"short").unwrap();
-        let err = load_or_create_node_key(&dir).unwrap_err();
+        let err = NodeIdentity::claim(&dir).unwrap_err();
         assert!(err.to_string().contains("expected 32"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

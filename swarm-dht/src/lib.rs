@@ -32,7 +32,7 @@ pub use backend::{BackendError, SpanBackend, SpanState};
 pub use catalog::{served_models, ServedModel};
 pub use client::{Failover, InferenceSession, RouteStep, ServerChoice, SessionOptions};
 pub use error::DhtError;
-pub use identity::{load_or_create_node_key, NodeIdentity, SwarmKey};
+pub use identity::{NodeIdentity, SwarmKey};
 pub use libp2p::{multiaddr, Multiaddr, PeerId, Stream, StreamProtocol};
 pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListing};
 pub use probe::Bandwidth;
