@@ -69,6 +69,22 @@ pub enum CoreError {
     /// A tensor frame that cannot be right.
     #[error("invalid tensor frame: {0}")]
     BadTensorFrame(String),
+    /// A session step the caller got wrong (not whole positions, past
+    /// the session's length, one step over another).
+    #[error("invalid session step: {0}")]
+    Session(String),
+    /// The server refused to open a session or run a step.
+    #[error("refused: {0}")]
+    Refused(crate::infer::Refusal),
+    /// The server said its computation failed; the session is over.
+    #[error("the server failed: {0}")]
+    ServerFailed(String),
+    /// The server's stream ended before its answer.
+    #[error("the server closed the session")]
+    SessionClosed,
+    /// The server answered something the protocol does not allow there.
+    #[error("protocol violation: {0}")]
+    SessionProtocol(String),
 }
 
 /// A block range rendered as text, kept in errors so they stay `Clone + Eq`.

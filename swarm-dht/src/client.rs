@@ -219,10 +219,11 @@ impl InferenceSession {
         }
         let n = whole_positions(hidden_states.len(), self.hidden)?;
         if self.positions + n > self.options.max_length as usize {
-            return Err(DhtError::Transport(format!(
+            return Err(swarm_core::CoreError::Session(format!(
                 "the session holds at most {} positions; {} are used and {n} more were sent",
                 self.options.max_length, self.positions
-            )));
+            ))
+            .into());
         }
         let mut x = hidden_states.to_vec();
         let mut i = 0;

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncRead, AsyncWrite, StreamExt};
 use libp2p::StreamProtocol;
-use swarm_core::infer::{Dtype, OpenSession, Refusal, Request, Response, INFER_VERSION};
-use swarm_core::tensor_frame::WireDType;
-use swarm_core::ModelId;
+use swarm_core::infer::server::{Input, Output, Reservation, Span};
+use swarm_core::infer::{ClientSession, OpenSession, Request, Response, ServerSession};
+use swarm_core::{CoreError, ModelId};
 
 use crate::backend::{BackendError, SpanBackend, SpanState};
 use crate::direct::{DirectHub, DirectLink};
@@ -28,9 +28,6 @@ use crate::wire::{read_frame, read_message, write_message, write_tensor_message}
 
 /// Protocol id of inference sessions.
 pub const INFER_STREAM: StreamProtocol = StreamProtocol::new(crate::INFER_PROTOCOL);
-
-/// Most positions one step may carry (a long prompt's prefill).
-pub const MAX_STEP_POSITIONS: usize = 8192;
 
 /// A server's inference service: the span it computes (any
 /// [`SpanBackend`]) and the sessions it runs on it.
@@ -158,125 +155,105 @@ impl InferenceService {
         }
     }
 
-    fn refuse_open(&self, open: &OpenSession) -> Option<Refusal> {
-        let hosted = self.backend.blocks();
-        let context = self.backend.context_length();
-        if open.version != INFER_VERSION {
-            Some(Refusal::Version {
-                supported: INFER_VERSION,
-            })
-        } else if open.model != self.model {
-            Some(Refusal::WrongModel {
-                served: self.model.clone(),
-            })
-        } else if open.blocks.start() < hosted.start() || open.blocks.end() > hosted.end() {
-            Some(Refusal::NotHosted { hosted })
-        } else if open.max_length == 0 || open.max_length as usize > context {
-            Some(Refusal::Length {
-                asked: open.max_length,
-                context: u32::try_from(context).unwrap_or(u32::MAX),
-            })
-        } else {
-            None
+    /// What the protocol needs to know of the span served.
+    fn span(&self) -> Span {
+        Span {
+            model: self.model.clone(),
+            hosted: self.backend.blocks(),
+            context: self.backend.context_length(),
+            hidden: self.backend.hidden_size(),
         }
     }
 
-    /// One session, from open to close.
-    async fn session(&self, mut stream: libp2p::Stream) -> Result<(), DhtError> {
+    /// One session, from open to close: the protocol's
+    /// [`ServerSession`] decides, this loop moves bytes, reserves the
+    /// cache and runs the span as it is told.
+    async fn session(&self, stream: libp2p::Stream) -> Result<(), DhtError> {
         let idle = self.idle_timeout;
-        let open = match next_request(&mut stream, idle).await? {
-            Some(Request::Open(open)) => open,
-            Some(_) => {
-                let refusal = Response::Refused(Refusal::Unexpected);
-                return write_message(&mut stream, &refusal, None).await;
-            }
-            None => return Ok(()),
-        };
-        if let Some(refusal) = self.refuse_open(&open) {
-            return write_message(&mut stream, &Response::Refused(refusal), None).await;
-        }
-        let hidden = self.backend.hidden_size();
-        let max_length = open.max_length as usize;
-        let mut state = match self.backend.open(open.blocks, max_length) {
-            Ok(state) => state,
-            Err(BackendError::Busy { needed, free }) => {
-                let refusal = Refusal::Busy { needed, free };
-                return write_message(&mut stream, &Response::Refused(refusal), None).await;
-            }
-            // `refuse_open` checked blocks and length, so this is not
-            // expected; say what it was rather than blame memory.
-            Err(e) => {
-                let failed = Response::Failed {
-                    message: e.to_string(),
-                };
-                return write_message(&mut stream, &failed, None).await;
-            }
-        };
-        let _open = Counted::new(&self.sessions);
-        let offer = match self.hub.get() {
-            Some(hub) if open.direct => hub.offer(),
-            _ => None,
-        };
-        let (offer, ticket) = offer.unzip();
-        let opened = Response::Opened {
-            hidden: hidden as u32,
-            cache_tokens_free: self.backend.free_positions(open.blocks),
-            direct: offer,
-        };
-        write_message(&mut stream, &opened, None).await?;
-        let (mut link, mut first) = settle_link(stream, ticket, idle).await?;
-        let dtype = WireDType::from(open.dtype);
+        let mut machine = ServerSession::new(self.span());
+        let mut link = Link::Stream(stream);
+        let mut ticket = None;
+        let mut state: Option<Box<dyn SpanState>> = None;
+        let mut open = None;
+        let mut input = Input::Request(next_request(&mut link, idle).await?);
         loop {
-            let request = match first.take() {
-                Some(request) => Some(request),
-                None => next_request(&mut link, idle).await?,
-            };
-            match request {
-                None | Some(Request::Close) => return Ok(()),
-                Some(Request::Truncate { keep }) => {
-                    state.truncate(keep as usize);
-                    write_message(&mut link, &Response::Truncated, None).await?;
+            input = match machine.handle(input) {
+                Output::ReadRequest => Input::Request(next_request(&mut link, idle).await?),
+                Output::ReadFrame { max_values } => {
+                    let (dims, values) = read_frame(&mut link, max_values).await?;
+                    Input::Frame { dims, values }
                 }
-                Some(Request::Step { start, positions }) => {
-                    let n = positions as usize;
-                    // Read the frame even when refusing, so the stream
-                    // stays in step; its size is capped by what was
-                    // announced.
-                    let announced = n.min(MAX_STEP_POSITIONS) * hidden;
-                    let (dims, values) = read_frame(&mut link, announced).await?;
-                    let continues = start as usize == state.len()
-                        && n > 0
-                        && n <= MAX_STEP_POSITIONS
-                        && state.len() + n <= max_length
-                        && dims == [1, n, hidden];
-                    if !continues {
-                        let refusal = Refusal::BadStep {
-                            expected_start: state.len() as u32,
-                            max_length: open.max_length,
+                Output::Reserve {
+                    blocks,
+                    max_length,
+                    direct,
+                } => match self.backend.open(blocks, max_length) {
+                    Ok(reserved) => {
+                        state = Some(reserved);
+                        open = Some(Counted::new(&self.sessions));
+                        let offer = match self.hub.get() {
+                            Some(hub) if direct => hub.offer(),
+                            _ => None,
                         };
-                        write_message(&mut link, &Response::Refused(refusal), None).await?;
-                        continue;
+                        let (direct, offered) = offer.unzip();
+                        ticket = offered;
+                        Input::Reserved(Reservation::Made {
+                            cache_tokens_free: self.backend.free_positions(blocks),
+                            direct,
+                        })
                     }
-                    let work = n * open.blocks.len() as usize;
-                    let (out, back) = compute(values, n, state, &self.pace, work).await?;
-                    state = back;
-                    match out {
-                        Ok(out) => {
-                            let stepped = Response::Stepped { positions };
-                            let dims = [1, n, hidden];
-                            write_tensor_message(&mut link, &stepped, &out, &dims, dtype).await?;
-                        }
-                        Err(message) => {
-                            write_message(&mut link, &Response::Failed { message }, None).await?;
-                            return Ok(());
-                        }
+                    Err(BackendError::Busy { needed, free }) => {
+                        Input::Reserved(Reservation::Busy { needed, free })
+                    }
+                    Err(e) => Input::Reserved(Reservation::Failed(e.to_string())),
+                },
+                Output::SettleLink => {
+                    let (settled, first) = settle_link(link, ticket.take(), idle).await?;
+                    link = settled;
+                    match first {
+                        Some(request) => Input::Request(Some(request)),
+                        None => Input::Request(next_request(&mut link, idle).await?),
                     }
                 }
-                // A second open, or a request this node does not know.
-                Some(_) => {
-                    write_message(&mut link, &Response::Refused(Refusal::Unexpected), None).await?;
+                Output::Truncate { keep } => {
+                    if let Some(state) = state.as_mut() {
+                        state.truncate(keep);
+                    }
+                    Input::Truncated
                 }
-            }
+                Output::Compute {
+                    values,
+                    positions,
+                    work,
+                } => match state.take() {
+                    Some(taken) => {
+                        let (out, back) =
+                            compute(values, positions, taken, &self.pace, work).await?;
+                        state = Some(back);
+                        Input::Computed(out)
+                    }
+                    None => Input::Computed(Err("no cache reserved".into())),
+                },
+                Output::Send(response) => {
+                    write_message(&mut link, &response, None).await?;
+                    Input::Sent
+                }
+                Output::SendTensor {
+                    response,
+                    values,
+                    dims,
+                    dtype,
+                } => {
+                    write_tensor_message(&mut link, &response, &values, &dims, dtype).await?;
+                    Input::Sent
+                }
+                // Finished (or an output this loop does not know): the
+                // cache and the session's count go with `state` and `open`.
+                _ => {
+                    drop((state, open));
+                    return Ok(());
+                }
+            };
         }
     }
 }
@@ -408,13 +385,14 @@ async fn compute(
 /// Where a session goes on after the server's `Opened`: onto the direct
 /// connection if the client makes it, or on its stream if the client's
 /// next message comes there instead (returned with it).
-pub(crate) async fn settle_link(
-    mut stream: libp2p::Stream,
+async fn settle_link(
+    link: Link,
     ticket: Option<crate::direct::OfferTicket>,
     idle: Duration,
 ) -> Result<(Link, Option<Request>), DhtError> {
-    let Some(mut ticket) = ticket else {
-        return Ok((Link::Stream(stream), None));
+    let (mut ticket, mut stream) = match (ticket, link) {
+        (Some(ticket), Link::Stream(stream)) => (ticket, stream),
+        (_, link) => return Ok((link, None)),
     };
     let arrived = tokio::select! {
         direct = ticket.arrival() => Ok(direct),
@@ -511,39 +489,41 @@ pub(crate) async fn next_request<S: AsyncRead + Unpin>(
 pub(crate) fn whole_positions(values: usize, hidden: usize) -> Result<usize, DhtError> {
     let n = values / hidden.max(1);
     if n == 0 || n * hidden != values {
-        return Err(DhtError::Transport(format!(
+        return Err(CoreError::Session(format!(
             "{values} values are not whole positions of {hidden}"
-        )));
+        ))
+        .into());
     }
     Ok(n)
 }
 
-/// The client's end of one hop's session.
+/// The client's end of one hop's session: the protocol's
+/// [`ClientSession`] on a [`Link`], with time limits.
 pub struct RemoteSession {
-    stream: Link,
-    hidden: usize,
-    dtype: Dtype,
+    link: Link,
+    machine: ClientSession,
     timeout: Duration,
-    /// Positions the server holds.
-    len: u32,
 }
 
 impl std::fmt::Debug for RemoteSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteSession")
-            .field("direct", &self.stream.is_direct())
-            .field("hidden", &self.hidden)
-            .field("len", &self.len)
+            .field("direct", &self.link.is_direct())
+            .field("hidden", &self.machine.hidden())
+            .field("len", &self.machine.len())
             .finish_non_exhaustive()
     }
 }
 
-/// Why a server would not open or run a step, or that it failed.
-fn refused(response: Response) -> DhtError {
-    match response {
-        Response::Refused(r) => DhtError::Refused(r),
-        Response::Failed { message } => DhtError::ServerFailed(message),
-        other => DhtError::Protocol(format!("unexpected answer {other:?}")),
+/// The network layer's error for what the session protocol found wrong,
+/// keeping the kinds the failover logic branches on.
+fn protocol_error(e: CoreError) -> DhtError {
+    match e {
+        CoreError::Refused(r) => DhtError::Refused(r),
+        CoreError::ServerFailed(message) => DhtError::ServerFailed(message),
+        CoreError::SessionClosed => DhtError::StreamLost("the server closed the session".into()),
+        CoreError::SessionProtocol(message) => DhtError::Protocol(message),
+        other => DhtError::Core(other),
     }
 }
 
@@ -592,57 +572,49 @@ impl RemoteSession {
         ip: Option<IpAddr>,
         timeout: Duration,
     ) -> Result<Self, DhtError> {
-        let dtype = open.dtype;
         let work = async {
-            write_message(&mut stream, &Request::Open(open), None).await?;
+            write_message(&mut stream, &Request::Open(open.clone()), None).await?;
             read_message::<_, Response>(&mut stream).await
         };
         let answer = tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| DhtError::Timeout("the server to open a session"))??;
-        match answer {
-            Some(Response::Opened { hidden, direct, .. }) => {
-                let link = match (direct, ip) {
-                    (Some(offer), Some(ip)) => match DirectLink::connect(ip, &offer).await {
-                        Ok(direct) => Link::Direct(Box::new(direct)),
-                        Err(e) => {
-                            tracing::debug!(%ip, error = %e, "no direct connection; the session stays on its stream");
-                            Link::Stream(stream)
-                        }
-                    },
-                    _ => Link::Stream(stream),
-                };
-                Ok(Self {
-                    stream: link,
-                    hidden: hidden as usize,
-                    dtype,
-                    timeout,
-                    len: 0,
-                })
-            }
-            Some(other) => Err(refused(other)),
-            None => Err(DhtError::StreamLost("the server closed the session".into())),
-        }
+        let (machine, offer) = ClientSession::opened(&open, answer).map_err(protocol_error)?;
+        let link = match (offer, ip) {
+            (Some(offer), Some(ip)) => match DirectLink::connect(ip, &offer).await {
+                Ok(direct) => Link::Direct(Box::new(direct)),
+                Err(e) => {
+                    tracing::debug!(%ip, error = %e, "no direct connection; the session stays on its stream");
+                    Link::Stream(stream)
+                }
+            },
+            _ => Link::Stream(stream),
+        };
+        Ok(Self {
+            link,
+            machine,
+            timeout,
+        })
     }
 
     /// Whether the session runs on a direct connection.
     pub fn is_direct(&self) -> bool {
-        self.stream.is_direct()
+        self.link.is_direct()
     }
 
     /// Positions the server's cache holds.
     pub fn len(&self) -> u32 {
-        self.len
+        self.machine.len()
     }
 
     /// Whether nothing has been sent yet.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.machine.is_empty()
     }
 
     /// The hidden size frames carry.
     pub fn hidden(&self) -> usize {
-        self.hidden
+        self.machine.hidden()
     }
 
     /// Runs the hop on the hidden states of `positions` new positions
@@ -658,40 +630,26 @@ impl RemoteSession {
         hidden_states: &[f32],
         timeout: Duration,
     ) -> Result<Vec<f32>, DhtError> {
-        let n = whole_positions(hidden_states.len(), self.hidden)?;
-        let dims = [1, n, self.hidden];
-        let dtype = self.dtype.into();
-        let request = Request::Step {
-            start: self.len,
-            positions: n as u32,
-        };
-        let (hidden, stream) = (self.hidden, &mut self.stream);
+        let step = self.machine.step(hidden_states.len())?;
+        let (machine, link) = (&mut self.machine, &mut self.link);
         let work = async {
-            write_tensor_message(stream, &request, hidden_states, &dims, dtype).await?;
-            match read_message::<_, Response>(stream).await? {
-                Some(Response::Stepped { positions }) if positions as usize == n => {
-                    let (dims, values) = read_frame(stream, n * hidden).await?;
-                    if dims != [1, n, hidden] {
-                        return Err(DhtError::Protocol(format!(
-                            "the server answered shape {dims:?}"
-                        )));
-                    }
-                    Ok(values)
-                }
-                Some(other) => Err(refused(other)),
-                None => Err(DhtError::StreamLost("the server closed the session".into())),
-            }
+            write_tensor_message(link, &step.request, hidden_states, &step.dims, step.dtype)
+                .await?;
+            let answer = read_message::<_, Response>(link).await?;
+            let most = machine.answered(answer).map_err(protocol_error)?;
+            let (dims, values) = read_frame(link, most).await?;
+            machine.received(&dims).map_err(protocol_error)?;
+            Ok(values)
         };
-        let out = tokio::time::timeout(timeout, work)
+        tokio::time::timeout(timeout, work)
             .await
-            .map_err(|_| DhtError::Timeout("the server's step"))??;
-        self.len += n as u32;
-        Ok(out)
+            .map_err(|_| DhtError::Timeout("the server's step"))?
     }
 
     /// Ends the session; the server frees its cache.
     pub async fn close(mut self) -> Result<(), DhtError> {
-        let work = write_message(&mut self.stream, &Request::Close, None);
+        let close = self.machine.close();
+        let work = write_message(&mut self.link, &close, None);
         tokio::time::timeout(self.timeout, work)
             .await
             .map_err(|_| DhtError::Timeout("closing a session"))?

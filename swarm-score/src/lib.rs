@@ -6,7 +6,8 @@
 //! - "10 PCs near me" auto-selection with coverage, redundancy and manual
 //!   overrides ([`select()`]),
 //! - the route planner: the fastest chain over block boundaries, and
-//!   re-planning around failed servers ([`plan`], [`replan`]).
+//!   re-planning a lost hop around failed servers ([`plan`],
+//!   [`plan_preferring`]), and how long a step may take ([`step_timeout`]).
 
 mod candidate;
 mod error;
@@ -16,7 +17,7 @@ pub mod select;
 
 pub use candidate::{Candidate, ServerId};
 pub use error::ScoreError;
-pub use route::{plan, plan_preferring, replan, step_timeout, Hop, Route, RouteOptions};
+pub use route::{plan, plan_preferring, step_timeout, Hop, Route, RouteOptions};
 pub use score::{score, PerformanceScore, ScoreComponents, ScoreWeights};
 pub use select::{select, Overrides, RankedCandidate, Selection, SelectionPolicy, Status};
 

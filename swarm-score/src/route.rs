@@ -191,45 +191,14 @@ pub fn plan(
     })
 }
 
-/// Re-plans `route` after `failed` servers: hops on working servers stay as
-/// they are (their sessions and caches live on), and each stretch of failed
-/// hops is planned again over the other candidates. Never uses a failed
-/// server.
-pub fn replan(
-    route: &Route,
-    failed: &HashSet<ServerId>,
-    candidates: &[Candidate],
-    options: &RouteOptions,
-) -> Result<Route, ScoreError> {
-    let mut hops: Vec<Hop> = Vec::new();
-    let mut broken: Option<(u32, u32)> = None;
-    let flush = |broken: &mut Option<(u32, u32)>, hops: &mut Vec<Hop>| -> Result<(), ScoreError> {
-        if let Some((a, b)) = broken.take() {
-            let span = BlockRange::new(a, b).map_err(|_| ScoreError::NoBlocks)?;
-            hops.extend(plan(candidates, span, options, failed)?.hops);
-        }
-        Ok(())
-    };
-    for hop in &route.hops {
-        if failed.contains(&hop.server) {
-            broken = Some(match broken {
-                Some((a, _)) => (a, hop.blocks.end()),
-                None => (hop.blocks.start(), hop.blocks.end()),
-            });
-        } else {
-            flush(&mut broken, &mut hops)?;
-            hops.push(hop.clone());
-        }
-    }
-    flush(&mut broken, &mut hops)?;
-    let cost_secs = hops.iter().map(|h| h.cost_secs).sum();
-    Ok(Route { hops, cost_secs })
-}
-
 /// [`plan`] over the `preferred` servers (a selection) when they cover
 /// `span`, else over every candidate: the selection is used first, and the
 /// rest of the swarm only where it has a hole (e.g. after failures). Hop
 /// indexes refer to `candidates` either way.
+///
+/// This is also the re-plan after a failure: a client that loses a hop
+/// plans that hop's blocks again with the failed servers in `avoid`, and
+/// keeps its other hops (their sessions and caches live on).
 pub fn plan_preferring(
     candidates: &[Candidate],
     preferred: &HashSet<ServerId>,

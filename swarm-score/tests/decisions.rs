@@ -9,7 +9,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use swarm_core::{BlockRange, GpuInfo, HardwareInfo};
 use swarm_score::{
-    plan, plan_preferring, replan, score, select, step_timeout, Candidate, Overrides, RouteOptions,
+    plan, plan_preferring, score, select, step_timeout, Candidate, Overrides, RouteOptions,
     ScoreError, ScoreWeights, SelectionPolicy, Status,
 };
 
@@ -219,9 +219,11 @@ fn the_route_prefers_fewer_faster_hops() {
     let route = plan(&swarm, r(0, 20), &RouteOptions::default(), &HashSet::new()).unwrap();
     assert_eq!(route.hops.len(), 1);
     assert_eq!(route.hops[0].index, 2);
-    // When it dies, the halves take over.
+    // When it dies, its blocks are planned again and the halves take over.
     let failed: HashSet<_> = [[1; 32]].into_iter().collect();
-    let again = replan(&route, &failed, &swarm, &RouteOptions::default()).unwrap();
+    let lost = route.hops[0].blocks;
+    let options = RouteOptions::default();
+    let again = plan_preferring(&swarm, &HashSet::new(), lost, &options, &failed).unwrap();
     assert_eq!(
         again.hops.iter().map(|h| h.index).collect::<Vec<_>>(),
         vec![0, 1]
@@ -380,7 +382,7 @@ proptest! {
     }
 
     #[test]
-    fn routes_are_minimal_and_replans_avoid_failed_servers(
+    fn routes_are_minimal_and_lost_hops_are_replanned_around_failed_servers(
         (blocks, swarm) in arb_swarm(),
         fail_mask in any::<u8>(),
         tokens in 1u32..64,
@@ -402,24 +404,27 @@ proptest! {
                 }
                 prop_assert_eq!(at, blocks);
                 let failed: HashSet<_> = swarm.iter().enumerate().filter(|(i, _)| fail_mask >> i & 1 == 1).map(|(_, c)| c.id).collect();
-                match replan(&route, &failed, &swarm, &options) {
-                    Ok(again) => {
-                        let mut at = 0;
-                        for hop in &again.hops {
-                            prop_assert!(!failed.contains(&hop.server));
-                            prop_assert_eq!(hop.blocks.start(), at);
-                            at = hop.blocks.end();
+                // Each hop lost to a failure is planned again over the
+                // rest, as a client's failover does.
+                for lost in route.hops.iter().filter(|h| failed.contains(&h.server)) {
+                    let (a, b) = (lost.blocks.start(), lost.blocks.end());
+                    match plan_preferring(&swarm, &none, lost.blocks, &options, &failed) {
+                        Ok(again) => {
+                            let mut at = a;
+                            for hop in &again.hops {
+                                prop_assert!(!failed.contains(&hop.server));
+                                prop_assert_eq!(hop.blocks.start(), at);
+                                at = hop.blocks.end();
+                            }
+                            prop_assert_eq!(at, b);
+                            let best = brute_force(&swarm, a, b, &options, &failed);
+                            prop_assert!((again.cost_secs - best).abs() <= 1e-9 * best.max(1.0));
                         }
-                        prop_assert_eq!(at, blocks);
-                        // Hops on surviving servers are kept as they were.
-                        for hop in route.hops.iter().filter(|h| !failed.contains(&h.server)) {
-                            prop_assert!(again.hops.contains(hop));
+                        Err(ScoreError::NoRoute { .. }) => {
+                            prop_assert!(brute_force(&swarm, a, b, &options, &failed).is_infinite());
                         }
+                        Err(e) => prop_assert!(false, "{e}"),
                     }
-                    Err(ScoreError::NoRoute { .. }) => {
-                        prop_assert!(brute_force(&swarm, 0, blocks, &options, &failed).is_infinite());
-                    }
-                    Err(e) => prop_assert!(false, "{e}"),
                 }
             }
             Err(ScoreError::NoRoute { .. }) => prop_assert!(best.is_infinite()),

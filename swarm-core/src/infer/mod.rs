@@ -24,8 +24,18 @@
 //!
 //! A step must start where the session's cache ends, so a client that
 //! lost a server replays its stored inputs into a fresh session from 0.
+//!
+//! Each side of a session is a state machine that does no I/O:
+//! [`ServerSession`] decides what a server answers, [`ClientSession`]
+//! what a client sends and accepts. The network crate drives both.
 
 use bincode::{Decode, Encode};
+
+pub mod client;
+pub mod server;
+
+pub use client::ClientSession;
+pub use server::ServerSession;
 
 use crate::tensor_frame::WireDType;
 use crate::{BlockRange, ModelId};

@@ -1,0 +1,273 @@
+//! A client's side of one session (one hop), as a state machine that does
+//! no I/O.
+//!
+//! [`ClientSession`] builds the requests and judges the server's answers:
+//! an answer that is not the one the protocol allows there, a frame of
+//! another shape than asked, a step out of place, all become a
+//! [`CoreError`] before any value reaches the caller. Its driver (the
+//! network crate's `RemoteSession`) only moves bytes and keeps time.
+
+use super::{DirectOffer, Dtype, OpenSession, Request, Response};
+use crate::tensor_frame::WireDType;
+use crate::CoreError;
+
+/// The client's side of an open session; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct ClientSession {
+    hidden: usize,
+    dtype: Dtype,
+    max_length: u32,
+    /// Positions the server's cache holds.
+    len: u32,
+    /// Positions of the step sent and not yet answered.
+    pending: Option<usize>,
+}
+
+/// A step to send: the request and the shape of the frame that follows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingStep {
+    /// The request.
+    pub request: Request,
+    /// The frame's shape, `[1, positions, hidden]`.
+    pub dims: [usize; 3],
+    /// How the frame's values travel.
+    pub dtype: WireDType,
+}
+
+impl ClientSession {
+    /// The session `open` asked for, from the server's answer to it
+    /// (`None`: the stream ended first), and the direct connection it
+    /// offers, if any.
+    pub fn opened(
+        open: &OpenSession,
+        answer: Option<Response>,
+    ) -> Result<(Self, Option<DirectOffer>), CoreError> {
+        match answer {
+            Some(Response::Opened { hidden, direct, .. }) if hidden > 0 => {
+                let session = Self {
+                    hidden: hidden as usize,
+                    dtype: open.dtype,
+                    max_length: open.max_length,
+                    len: 0,
+                    pending: None,
+                };
+                Ok((session, direct))
+            }
+            other => Err(unexpected(other, "Opened")),
+        }
+    }
+
+    /// The hidden size the server's frames have.
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// Positions the server's cache holds.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Whether nothing has been computed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The request for a step on `values` hidden-state values (a whole
+    /// number of positions, within the session's length).
+    pub fn step(&mut self, values: usize) -> Result<OutgoingStep, CoreError> {
+        let hidden = self.hidden;
+        let n = values / hidden;
+        if n == 0 || n * hidden != values {
+            return Err(CoreError::Session(format!(
+                "{values} values are not whole positions of {hidden}"
+            )));
+        }
+        if self.len as usize + n > self.max_length as usize {
+            return Err(CoreError::Session(format!(
+                "a step of {n} positions after {} runs past the session's {} positions",
+                self.len, self.max_length
+            )));
+        }
+        if self.pending.is_some() {
+            return Err(CoreError::Session(
+                "a step was sent before the last one was answered".into(),
+            ));
+        }
+        self.pending = Some(n);
+        Ok(OutgoingStep {
+            request: Request::Step {
+                start: self.len,
+                positions: n as u32,
+            },
+            dims: [1, n, hidden],
+            dtype: self.dtype.into(),
+        })
+    }
+
+    /// The server's answer to the step sent: the most values its frame
+    /// may hold, to read next.
+    pub fn answered(&mut self, answer: Option<Response>) -> Result<usize, CoreError> {
+        let Some(n) = self.pending else {
+            return Err(CoreError::Session("an answer to no step".into()));
+        };
+        match answer {
+            Some(Response::Stepped { positions }) if positions as usize == n => Ok(n * self.hidden),
+            other => {
+                // A refused step leaves the session where it was.
+                self.pending = None;
+                Err(unexpected(other, "Stepped"))
+            }
+        }
+    }
+
+    /// The shape of the frame that came with the answer; the step is done
+    /// when it is the one asked for.
+    pub fn received(&mut self, dims: &[usize]) -> Result<(), CoreError> {
+        let n = self.pending.take().unwrap_or(0);
+        if n == 0 || dims != [1, n, self.hidden] {
+            return Err(CoreError::SessionProtocol(format!(
+                "the server answered shape {dims:?} to a step of {n} positions"
+            )));
+        }
+        self.len += n as u32;
+        Ok(())
+    }
+
+    /// The request that ends the session.
+    pub fn close(&self) -> Request {
+        Request::Close
+    }
+}
+
+/// The error for an answer other than `expected`.
+fn unexpected(answer: Option<Response>, expected: &str) -> CoreError {
+    match answer {
+        Some(Response::Refused(r)) => CoreError::Refused(r),
+        Some(Response::Failed { message }) => CoreError::ServerFailed(message),
+        None => CoreError::SessionClosed,
+        Some(other) => CoreError::SessionProtocol(format!(
+            "expected {expected}, the server answered {other:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Refusal;
+    use super::*;
+    use crate::{BlockRange, ModelId};
+
+    fn open() -> OpenSession {
+        OpenSession {
+            version: super::super::INFER_VERSION,
+            model: ModelId::new("m").unwrap(),
+            blocks: BlockRange::new(0, 2).unwrap(),
+            max_length: 4,
+            dtype: Dtype::F32,
+            direct: true,
+        }
+    }
+
+    fn session() -> ClientSession {
+        let opened = Response::Opened {
+            hidden: 2,
+            cache_tokens_free: 0,
+            direct: None,
+        };
+        ClientSession::opened(&open(), Some(opened)).unwrap().0
+    }
+
+    #[test]
+    fn answers_to_an_open_other_than_opened_are_errors_that_say_why() {
+        let busy = Refusal::Busy { needed: 4, free: 1 };
+        let err = ClientSession::opened(&open(), Some(Response::Refused(busy.clone())));
+        assert_eq!(err.unwrap_err(), CoreError::Refused(busy));
+        let err = ClientSession::opened(&open(), None);
+        assert_eq!(err.unwrap_err(), CoreError::SessionClosed);
+        let err = ClientSession::opened(&open(), Some(Response::Truncated));
+        assert!(matches!(err.unwrap_err(), CoreError::SessionProtocol(_)));
+        let zero = Response::Opened {
+            hidden: 0,
+            cache_tokens_free: 0,
+            direct: None,
+        };
+        let err = ClientSession::opened(&open(), Some(zero));
+        assert!(matches!(err.unwrap_err(), CoreError::SessionProtocol(_)));
+    }
+
+    #[test]
+    fn steps_follow_the_cache_and_check_the_answer() {
+        let mut s = session();
+        let step = s.step(4).unwrap();
+        assert_eq!(
+            step.request,
+            Request::Step {
+                start: 0,
+                positions: 2
+            }
+        );
+        assert_eq!((step.dims, step.dtype), ([1, 2, 2], WireDType::F32));
+        assert!(s.step(2).is_err(), "one step at a time");
+        assert_eq!(
+            s.answered(Some(Response::Stepped { positions: 2 }))
+                .unwrap(),
+            4
+        );
+        s.received(&[1, 2, 2]).unwrap();
+        assert_eq!(s.len(), 2);
+        // The next step starts where the cache ends.
+        let step = s.step(2).unwrap();
+        assert_eq!(
+            step.request,
+            Request::Step {
+                start: 2,
+                positions: 1
+            }
+        );
+        // A frame of another shape is a protocol violation.
+        s.answered(Some(Response::Stepped { positions: 1 }))
+            .unwrap();
+        assert!(matches!(
+            s.received(&[1, 2, 2]),
+            Err(CoreError::SessionProtocol(_))
+        ));
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn bad_steps_are_refused_before_they_are_sent() {
+        let mut s = session();
+        assert!(
+            matches!(s.step(3), Err(CoreError::Session(_))),
+            "not whole positions"
+        );
+        assert!(matches!(s.step(0), Err(CoreError::Session(_))));
+        assert!(
+            matches!(s.step(10), Err(CoreError::Session(_))),
+            "past max_length"
+        );
+        assert!(
+            s.answered(Some(Response::Truncated)).is_err(),
+            "no step sent"
+        );
+    }
+
+    #[test]
+    fn a_refused_step_leaves_the_session_usable() {
+        let mut s = session();
+        s.step(2).unwrap();
+        let bad = Refusal::BadStep {
+            expected_start: 0,
+            max_length: 4,
+        };
+        let err = s
+            .answered(Some(Response::Refused(bad.clone())))
+            .unwrap_err();
+        assert_eq!(err, CoreError::Refused(bad));
+        assert!(s.step(2).is_ok());
+        let err = s.answered(Some(Response::Failed {
+            message: "oom".into(),
+        }));
+        assert_eq!(err.unwrap_err(), CoreError::ServerFailed("oom".into()));
+    }
+}
