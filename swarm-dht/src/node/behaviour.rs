@@ -101,8 +101,26 @@ impl Behaviour {
             relay_client,
             relay: Toggle::from(relay),
             dcutr: dcutr::Behaviour::new(local),
-            autonat: autonat::Behaviour::new(local, autonat::Config::default()),
+            autonat: autonat::Behaviour::new(local, autonat_config()),
             streams,
         })
+    }
+}
+
+/// AutoNAT as Sherpa's swarms need it.
+fn autonat_config() -> autonat::Config {
+    autonat::Config {
+        // Labs and homes run trackers on private addresses. A dial-back
+        // only ever goes to the asking peer's own observed address, so
+        // probing private ones is safe, and without it a server behind a
+        // lab's NAT would never learn it needs a relay.
+        only_global_ips: false,
+        // A server behind NAT becomes reachable through its relay within
+        // seconds of joining rather than after libp2p's 15 s ...
+        boot_delay: Duration::from_secs(3),
+        // ... and a probe that found no server to ask is tried again
+        // soon rather than after 90 s.
+        retry_interval: Duration::from_secs(20),
+        ..autonat::Config::default()
     }
 }
