@@ -100,11 +100,9 @@ fn side_by_side(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_32_tokens");
     group.sample_size(10);
     group.throughput(Throughput::Elements(NEW as u64));
-    let options = GenerateOptions {
-        max_new_tokens: NEW,
-        stop_at_eos: false,
-        ..GenerateOptions::default()
-    };
+    let options = GenerateOptions::default()
+        .with_max_new_tokens(NEW)
+        .with_stop_at_eos(false);
     group.bench_function("sherpa", |b| {
         b.iter(|| black_box(ours.generate(&prompt, &options, &mut |_| Ok(true)).unwrap()))
     });

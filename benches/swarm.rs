@@ -92,11 +92,9 @@ fn decode_steps(iters: u64, mut generate: impl FnMut(usize) -> Duration) -> Dura
 }
 
 fn options(tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: tokens,
-        stop_at_eos: false,
-        ..GenerateOptions::default()
-    }
+    GenerateOptions::default()
+        .with_max_new_tokens(tokens)
+        .with_stop_at_eos(false)
 }
 
 fn decode(c: &mut Criterion) {

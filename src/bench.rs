@@ -82,6 +82,7 @@ fn json_number(v: f64) -> String {
 
 /// Settings of a benchmark run.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BenchSettings {
     /// Tokens generated per decode measurement.
     pub new_tokens: usize,
@@ -131,11 +132,9 @@ pub fn run_local(
         "bytes",
     ));
 
-    let options = GenerateOptions {
-        max_new_tokens: settings.new_tokens,
-        stop_at_eos: false,
-        ..GenerateOptions::default()
-    };
+    let options = GenerateOptions::default()
+        .with_max_new_tokens(settings.new_tokens)
+        .with_stop_at_eos(false);
     let ours = || -> Result<(f64, f64), SherpaError> {
         let out = model.generate(&PROMPT, &options, &mut |_| Ok(true))?;
         Ok((
@@ -279,6 +278,11 @@ mod baseline {
         }
     }
 }
+
+swarm_core::with_setters!(BenchSettings {
+    new_tokens: usize => with_new_tokens,
+    repeats: usize => with_repeats,
+});
 
 #[cfg(test)]
 mod tests {

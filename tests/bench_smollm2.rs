@@ -11,10 +11,7 @@ use sherpa_swarm::bench::{run_local, BenchSettings};
 fn bench_reports_decode_prefill_and_the_bandwidth_ceiling() {
     let path = common::smollm2();
     let mut records = Vec::new();
-    let settings = BenchSettings {
-        new_tokens: 4,
-        repeats: 1,
-    };
+    let settings = BenchSettings::default().with_new_tokens(4).with_repeats(1);
     run_local(&path, &settings, &mut |r| records.push(r)).unwrap();
     let get = |name: &str| {
         records
@@ -48,10 +45,7 @@ fn bench_reports_decode_prefill_and_the_bandwidth_ceiling() {
 #[test]
 fn bench_compares_a_hop_with_raw_tcp_and_the_swarm_with_local_decode() {
     let path = common::smollm2();
-    let settings = BenchSettings {
-        new_tokens: 8,
-        repeats: 1,
-    };
+    let settings = BenchSettings::default().with_new_tokens(8).with_repeats(1);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut records = Vec::new();
     runtime

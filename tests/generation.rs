@@ -196,10 +196,7 @@ impl Swarm {
         let mut found = None;
         for attempt in 0..50 {
             // Every server pinged (dead ones never will), so routes follow the announced speeds.
-            let options = SurveyOptions {
-                ping_wait: Duration::from_secs(5),
-                ..SurveyOptions::quick()
-            };
+            let options = SurveyOptions::quick().with_ping_wait(Duration::from_secs(5));
             let s = survey(client, &model(), &options).await.unwrap();
             let pinged = s.candidates.iter().all(|c| c.rtt.is_some());
             if s.listing.servers.len() >= servers && (pinged || attempt >= 3) {
@@ -268,18 +265,13 @@ async fn misbehave(mut stream: swarm_dht::Stream, hidden: usize, bad: Bad) {
 
 /// Sessions of 64 positions (the tiny model has 512).
 fn short() -> SessionOptions {
-    SessionOptions {
-        max_length: 64,
-        ..SessionOptions::default()
-    }
+    SessionOptions::default().with_max_length(64)
 }
 
 fn options(tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: tokens,
-        stop_at_eos: false,
-        ..GenerateOptions::default()
-    }
+    GenerateOptions::default()
+        .with_max_new_tokens(tokens)
+        .with_stop_at_eos(false)
 }
 
 const PROMPT: [u32; 7] = [3, 17, 42, 99, 5, 120, 64];
@@ -304,11 +296,7 @@ async fn a_chain_of_servers_generates_what_the_local_model_does() {
     let want = local_tokens(&swarm.files, 24);
 
     for dtype in [Dtype::F32, Dtype::F16] {
-        let opts = SessionOptions {
-            max_length: 64,
-            dtype,
-            ..short()
-        };
+        let opts = short().with_max_length(64).with_dtype(dtype);
         let mut session = swarm.session(&client, 3, range(0, 6), opts).await;
         let route: Vec<_> = session.route().iter().map(|s| s.name.clone()).collect();
         assert_eq!(route, ["a", "b", "c"]);
@@ -467,10 +455,7 @@ async fn garbage_and_stalled_servers_are_replaced() {
     let want = local_tokens(&swarm.files, 16);
     // Long enough that honest servers are not taken for stalled ones on a
     // loaded machine.
-    let opts = SessionOptions {
-        step_timeout: Duration::from_secs(2),
-        ..short()
-    };
+    let opts = short().with_step_timeout(Duration::from_secs(2));
     let mut session = swarm.session(&client, 5, range(0, 6), opts).await;
     assert_eq!(session.route()[0].name, "stall");
     let got = generate(
@@ -535,11 +520,7 @@ async fn a_hundred_sessions_stay_within_one_servers_budget() {
         let (client, listed, head) = (client.clone(), listed.clone(), head.clone());
         let hidden = swarm.files.config().hidden_size;
         runs.spawn(async move {
-            let opts = SessionOptions {
-                max_length: 64,
-                max_failovers: 0,
-                ..short()
-            };
+            let opts = short().with_max_length(64).with_max_failovers(0);
             let mut session = InferenceSession::open(
                 &client,
                 model(),

@@ -42,10 +42,8 @@ fn check_against_reference(precision: WeightPrecision, mode: &str) -> f32 {
         );
         let expected = ids(&case["generated_ids"]);
         assert!(expected.len() >= 20);
-        let options = GenerateOptions {
-            max_new_tokens: reference["max_new_tokens"].as_u64().unwrap() as usize,
-            ..GenerateOptions::default()
-        };
+        let options = GenerateOptions::default()
+            .with_max_new_tokens(reference["max_new_tokens"].as_u64().unwrap() as usize);
         let out = model
             .generate(&prompt_ids, &options, &mut |_| Ok(true))
             .unwrap();

@@ -258,11 +258,9 @@ async fn distributed_decode(
     let local = Arc::new(local);
     let swarm = LocalSwarm::start(&file, ModelId::new("bench-model")?, 3).await?;
     let client = &swarm.client;
-    let options = GenerateOptions {
-        max_new_tokens: settings.new_tokens,
-        stop_at_eos: false,
-        ..GenerateOptions::default()
-    };
+    let options = GenerateOptions::default()
+        .with_max_new_tokens(settings.new_tokens)
+        .with_stop_at_eos(false);
     // Each round generates through the swarm and locally at once, a token
     // of one then a token of the other, so a slow spell of the machine
     // hits both alike; then it runs one whole generation of each, back to

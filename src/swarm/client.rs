@@ -194,10 +194,7 @@ impl ClientBuilder {
             head,
             tokenizer,
             local: shard,
-            policy: SelectionPolicy {
-                max_nodes: self.max_nodes,
-                ..SelectionPolicy::default()
-            },
+            policy: SelectionPolicy::default().with_max_nodes(self.max_nodes),
             pinned: self.pinned,
             excluded: self.excluded,
             survey_options: self.survey,
@@ -359,10 +356,9 @@ impl Client {
             }
         };
         let blocks = self.head.config().num_hidden_layers as u32;
-        let overrides = Overrides {
-            pinned: survey.ids_named(&self.pinned)?,
-            excluded: survey.ids_named(&self.excluded)?,
-        };
+        let overrides = Overrides::default()
+            .with_pinned(survey.ids_named(&self.pinned)?)
+            .with_excluded(survey.ids_named(&self.excluded)?);
         let selection = select(&survey.candidates, blocks, &self.policy, &overrides)?;
         Ok(Plan {
             survey,
@@ -391,10 +387,7 @@ impl Client {
                 .collect(),
             excluded: plan.excluded,
         };
-        let options = SessionOptions {
-            max_length: max_length as u32,
-            ..self.session.clone()
-        };
+        let options = self.session.clone().with_max_length(max_length as u32);
         Ok(InferenceSession::open(
             &self.node,
             self.model.clone(),

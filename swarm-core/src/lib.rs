@@ -20,3 +20,23 @@ pub use error::CoreError;
 pub use hardware::{GpuInfo, HardwareInfo};
 pub use model_id::ModelId;
 pub use record::{NodeKey, ServerInfo, SignedRecord, VerifiedRecord};
+
+/// Chaining setters for an option struct's public fields, so other crates
+/// can build it from `Default` while it stays `#[non_exhaustive]`:
+/// `with_setters!(Options { max_length: u32 => with_max_length })`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! with_setters {
+    ($ty:ty { $($field:ident : $fty:ty => $setter:ident),* $(,)? }) => {
+        impl $ty {
+            $(
+                #[doc = concat!("Sets [`", stringify!($field), "`](Self::", stringify!($field), ").")]
+                #[must_use]
+                pub fn $setter(mut self, value: $fty) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}

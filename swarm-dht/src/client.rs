@@ -27,6 +27,7 @@ use crate::PeerId;
 
 /// Settings of an inference session.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct SessionOptions {
     /// Most positions (prompt + generated tokens) the session holds.
     pub max_length: u32,
@@ -387,15 +388,13 @@ impl InferenceSession {
     /// The fastest usable chain through `span`: over the preferred servers
     /// when they cover it, else over every server not excluded or failed.
     fn plan_span(&self, span: BlockRange) -> Result<Vec<(Candidate, BlockRange)>, DhtError> {
-        let options = RouteOptions {
-            tokens: 1,
-            bytes_per_token: (self.hidden
-                * match self.options.dtype {
-                    Dtype::F32 => 4,
-                    Dtype::F16 => 2,
-                }) as u64,
-            load: Default::default(),
+        let bytes = match self.options.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 => 2,
         };
+        let options = RouteOptions::default()
+            .with_tokens(1)
+            .with_bytes_per_token((self.hidden * bytes) as u64);
         let avoid: HashSet<ServerId> = self.failed.union(&self.excluded).copied().collect();
         let pool = &self.survey.candidates;
         match plan_preferring(pool, &self.preferred, span, &options, &avoid) {
@@ -453,3 +452,11 @@ async fn replay(
     }
     Ok(())
 }
+
+swarm_core::with_setters!(SessionOptions {
+    max_length: u32 => with_max_length,
+    dtype: Dtype => with_dtype,
+    step_timeout: Duration => with_step_timeout,
+    max_failovers: usize => with_max_failovers,
+    direct: bool => with_direct,
+});

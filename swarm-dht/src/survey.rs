@@ -16,6 +16,7 @@ use crate::{now_ms, PeerId};
 
 /// How thoroughly to survey.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SurveyOptions {
     /// Longest time to wait for the listing to settle (lookups also find
     /// and connect peers; mDNS answers take a second or two).
@@ -355,3 +356,9 @@ pub async fn wait_for_hosts(
 
 /// How often a survey waiting for hosts lists the servers again.
 const WAIT_POLL: Duration = Duration::from_millis(700);
+
+swarm_core::with_setters!(SurveyOptions {
+    settle: Duration => with_settle,
+    probe_bytes: Option<u32> => with_probe_bytes,
+    ping_wait: Duration => with_ping_wait,
+});

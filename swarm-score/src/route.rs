@@ -22,6 +22,7 @@ use crate::uncovered_blocks;
 
 /// What a route is planned for.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct RouteOptions {
     /// Positions sent per step (1 when decoding, the prompt's length for
     /// prefill).
@@ -239,3 +240,9 @@ pub fn step_timeout(
     };
     base + std::time::Duration::from_secs_f64(extra)
 }
+
+swarm_core::with_setters!(RouteOptions {
+    tokens: u32 => with_tokens,
+    bytes_per_token: u64 => with_bytes_per_token,
+    load: HashMap<ServerId, f64> => with_load,
+});

@@ -41,6 +41,7 @@ pub const DEVICE_SHARE: f64 = 0.15;
 /// How much each component counts. Any non-negative finite values, not all
 /// zero; only their ratios matter.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct ScoreWeights {
     /// Weight of the client's ping.
     pub ping: f64,
@@ -165,3 +166,11 @@ pub fn score(candidate: &Candidate, weights: &ScoreWeights) -> PerformanceScore 
         components: c,
     }
 }
+
+swarm_core::with_setters!(ScoreWeights {
+    ping: f64 => with_ping,
+    upload: f64 => with_upload,
+    download: f64 => with_download,
+    memory: f64 => with_memory,
+    compute: f64 => with_compute,
+});

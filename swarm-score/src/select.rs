@@ -25,6 +25,7 @@ use crate::uncovered_blocks;
 
 /// How many servers to pick and how to score them.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct SelectionPolicy {
     /// How many servers to select (default 10).
     pub max_nodes: usize,
@@ -43,6 +44,7 @@ impl Default for SelectionPolicy {
 
 /// A person's choices in the node selector.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Overrides {
     /// Always use these (checked).
     pub pinned: HashSet<ServerId>,
@@ -328,3 +330,13 @@ pub fn select(
         notes,
     })
 }
+
+swarm_core::with_setters!(SelectionPolicy {
+    max_nodes: usize => with_max_nodes,
+    weights: ScoreWeights => with_weights,
+});
+
+swarm_core::with_setters!(Overrides {
+    pinned: HashSet<ServerId> => with_pinned,
+    excluded: HashSet<ServerId> => with_excluded,
+});

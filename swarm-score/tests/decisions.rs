@@ -98,23 +98,18 @@ fn weights_are_configurable_and_checked() {
     gpu(&mut gpu_far, "RTX 4090", (8, 9), 50_000.0);
     gpu_far.rtt = Some(Duration::from_millis(150));
     let cpu_near = node(2, r(0, 10));
-    let ping_only = ScoreWeights {
-        ping: 1.0,
-        upload: 0.0,
-        download: 0.0,
-        memory: 0.0,
-        compute: 0.0,
-    };
+    let ping_only = ScoreWeights::default()
+        .with_ping(1.0)
+        .with_upload(0.0)
+        .with_download(0.0)
+        .with_memory(0.0)
+        .with_compute(0.0);
     assert!(total(&gpu_far) > total(&cpu_near));
     assert!(score(&cpu_near, &ping_only).total > score(&gpu_far, &ping_only).total);
-    let bad = ScoreWeights {
-        ping: f64::NAN,
-        ..ScoreWeights::default()
-    };
-    let policy = SelectionPolicy {
-        max_nodes: 3,
-        weights: bad,
-    };
+    let bad = ScoreWeights::default().with_ping(f64::NAN);
+    let policy = SelectionPolicy::default()
+        .with_max_nodes(3)
+        .with_weights(bad);
     assert!(matches!(
         select(&[cpu_near], 10, &policy, &Overrides::default()),
         Err(ScoreError::BadWeights(_))
@@ -136,10 +131,7 @@ fn coverage_beats_score() {
     weak.rtt = Some(Duration::from_millis(150));
     weak.throughput = 200.0;
     swarm.push(weak);
-    let policy = SelectionPolicy {
-        max_nodes: 3,
-        ..SelectionPolicy::default()
-    };
+    let policy = SelectionPolicy::default().with_max_nodes(3);
     let selection = select(&swarm, 20, &policy, &Overrides::default()).unwrap();
     assert_eq!(selection.selected.len(), 3);
     assert!(selection.selected.contains(&3), "{selection:?}");
@@ -153,32 +145,19 @@ fn coverage_beats_score() {
     // With room, replicas go to the least-replicated blocks.
     let mut more = swarm.clone();
     more.push(node(10, r(10, 20)));
-    let policy = SelectionPolicy {
-        max_nodes: 3,
-        ..SelectionPolicy::default()
-    };
+    let policy = SelectionPolicy::default().with_max_nodes(3);
     let selection = select(&more, 20, &policy, &Overrides::default()).unwrap();
     assert_eq!(selection.min_replicas, 1);
-    let selection = select(
-        &more,
-        20,
-        &SelectionPolicy {
-            max_nodes: 4,
-            ..policy
-        },
-        &Overrides::default(),
-    )
-    .unwrap();
+    let selection = select(&more, 20, &policy.with_max_nodes(4), &Overrides::default()).unwrap();
     assert_eq!(selection.min_replicas, 2, "{selection:?}");
 }
 
 #[test]
 fn overrides_are_obeyed_and_missing_blocks_explained() {
     let swarm = vec![node(1, r(0, 10)), node(2, r(0, 10)), node(3, r(10, 20))];
-    let overrides = Overrides {
-        pinned: [[2; 32]].into_iter().collect(),
-        excluded: [[3; 32]].into_iter().collect(),
-    };
+    let overrides = Overrides::default()
+        .with_pinned([[2; 32]].into_iter().collect())
+        .with_excluded([[3; 32]].into_iter().collect());
     let selection = select(&swarm, 20, &SelectionPolicy::default(), &overrides).unwrap();
     assert!(selection.selected.contains(&1));
     assert!(!selection.selected.contains(&2));
@@ -347,8 +326,11 @@ proptest! {
         let ids: Vec<[u8; 32]> = swarm.iter().map(|c| c.id).collect();
         let excluded: HashSet<_> = ids.iter().enumerate().filter(|(i, _)| exclude_mask >> i & 1 == 1).map(|(_, id)| *id).collect();
         let pinned: HashSet<_> = ids.iter().enumerate().filter(|(i, id)| pin_mask >> i & 1 == 1 && !excluded.contains(*id)).map(|(_, id)| *id).collect();
-        let overrides = Overrides { pinned: pinned.clone(), excluded: excluded.clone() };
-        let policy = SelectionPolicy { max_nodes, ..SelectionPolicy::default() };
+        let overrides = Overrides::default()
+.with_pinned(pinned.clone())
+.with_excluded(excluded.clone());
+        let policy = SelectionPolicy::default()
+.with_max_nodes(max_nodes);
         let selection = select(&swarm, blocks, &policy, &overrides).unwrap();
         let chosen = selection.selected(&swarm);
         for c in &chosen {
@@ -387,7 +369,9 @@ proptest! {
         fail_mask in any::<u8>(),
         tokens in 1u32..64,
     ) {
-        let options = RouteOptions { tokens, bytes_per_token: 1152, ..RouteOptions::default() };
+        let options = RouteOptions::default()
+.with_tokens(tokens)
+.with_bytes_per_token(1152);
         let none = HashSet::new();
         let route = plan(&swarm, r(0, blocks), &options, &none);
         let best = brute_force(&swarm, 0, blocks, &options, &none);

@@ -71,6 +71,7 @@ impl BlockPipeline for LocalPipeline {
 
 /// Settings of one generation.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct GenerateOptions {
     /// Most tokens to generate.
     pub max_new_tokens: usize,
@@ -300,3 +301,9 @@ impl LocalModel {
         generate(&self.head, &mut pipeline, prompt, options, on_token)
     }
 }
+
+swarm_core::with_setters!(GenerateOptions {
+    max_new_tokens: usize => with_max_new_tokens,
+    sampling: SamplingConfig => with_sampling,
+    stop_at_eos: bool => with_stop_at_eos,
+});

@@ -8,6 +8,7 @@ use crate::error::{Result, ShardError};
 /// How the next token is chosen. `temperature == 0` is greedy and ignores
 /// the other filters except the repetition penalty.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct SamplingConfig {
     /// Softmax temperature; 0 means greedy (always the most likely token).
     pub temperature: f32,
@@ -184,6 +185,10 @@ pub fn argmax(logits: &[f32]) -> u32 {
     }
     best as u32
 }
+
+swarm_core::with_setters!(SamplingConfig {
+    repetition_window: usize => with_repetition_window,
+});
 
 #[cfg(test)]
 mod tests {

@@ -73,11 +73,9 @@ fn gguf_and_safetensors_of_the_same_weights_agree() {
     assert!(diff < 1e-5, "GGUF vs safetensors differ by {diff}");
 
     // And the whole generation agrees.
-    let opts = GenerateOptions {
-        max_new_tokens: 12,
-        stop_at_eos: false,
-        ..GenerateOptions::default()
-    };
+    let opts = GenerateOptions::default()
+        .with_max_new_tokens(12)
+        .with_stop_at_eos(false);
     let gen = |files: &ModelFiles| {
         LocalModel::load(files, &[], &Device::Cpu, WeightPrecision::Native)
             .unwrap()
@@ -381,11 +379,9 @@ fn shards_are_shareable_across_threads() {
     let files = ModelFiles::open(tiny_gguf(&spec, GgmlDType::Q8_0, "threads")).unwrap();
     let model = LocalModel::load(&files, &[], &Device::Cpu, WeightPrecision::Native).unwrap();
     let model = Arc::new(model);
-    let opts = GenerateOptions {
-        max_new_tokens: 8,
-        stop_at_eos: false,
-        ..GenerateOptions::default()
-    };
+    let opts = GenerateOptions::default()
+        .with_max_new_tokens(8)
+        .with_stop_at_eos(false);
     let expected = model
         .generate(&[1, 2, 3], &opts, &mut |_| Ok(true))
         .unwrap()

@@ -386,11 +386,10 @@ pub(crate) fn encode_prompt(
 }
 
 fn generate(args: GenerateArgs) -> Result<(), SherpaError> {
-    let options = GenerateOptions {
-        max_new_tokens: args.max_new_tokens,
-        sampling: sampling(&args),
-        stop_at_eos: true,
-    };
+    let options = GenerateOptions::default()
+        .with_max_new_tokens(args.max_new_tokens)
+        .with_sampling(sampling(&args))
+        .with_stop_at_eos(true);
     if args.tracker.is_some() || args.lan {
         return network::generate(&args, options);
     }
@@ -455,10 +454,9 @@ fn bench(json: bool, tokens: usize, repeats: usize) -> Result<(), SherpaError> {
     if !json && !cfg!(feature = "bench-baseline") {
         eprintln!("(built without feature bench-baseline: no candle-transformers side-by-side)");
     }
-    let settings = sherpa_swarm::bench::BenchSettings {
-        new_tokens: tokens.max(2),
-        repeats,
-    };
+    let settings = sherpa_swarm::bench::BenchSettings::default()
+        .with_new_tokens(tokens.max(2))
+        .with_repeats(repeats);
     let mut print = move |record: sherpa_swarm::bench::BenchRecord| {
         let line = if json {
             record.to_json()

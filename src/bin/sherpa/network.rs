@@ -241,11 +241,9 @@ async fn survey_and_show(
     explicit: bool,
     args: &NodesArgs,
 ) -> Result<(), SherpaError> {
-    let options = SurveyOptions {
-        settle: Duration::from_secs(if args.swarm.lan { 8 } else { 4 }),
-        probe_bytes: (!args.no_probe).then_some(PROBE_BYTES),
-        ..SurveyOptions::default()
-    };
+    let options = SurveyOptions::default()
+        .with_settle(Duration::from_secs(if args.swarm.lan { 8 } else { 4 }))
+        .with_probe_bytes((!args.no_probe).then_some(PROBE_BYTES));
     let mut survey = dht::survey(node, model, &options).await?;
     let mut served = Vec::new();
     if survey.listing.servers.is_empty() {
@@ -364,14 +362,10 @@ impl ModelReport {
                 .collect();
             Ok(survey.ids_named(&known)?)
         };
-        let overrides = Overrides {
-            pinned: named(&selection_args.pin)?,
-            excluded: named(&selection_args.exclude)?,
-        };
-        let policy = SelectionPolicy {
-            max_nodes: selection_args.max_nodes,
-            ..SelectionPolicy::default()
-        };
+        let overrides = Overrides::default()
+            .with_pinned(named(&selection_args.pin)?)
+            .with_excluded(named(&selection_args.exclude)?);
+        let policy = SelectionPolicy::default().with_max_nodes(selection_args.max_nodes);
         let blocks = survey.model_blocks();
         let selection = if blocks > 0 {
             Some(select(&survey.candidates, blocks, &policy, &overrides).map_err(net)?)
@@ -430,11 +424,14 @@ pub(crate) fn generate(args: &GenerateArgs, options: GenerateOptions) -> Result<
             .wait_for_hosts(Duration::from_secs_f64(args.wait.max(0.0)))
             .device(args.device)
             .on_event(|event| eprintln!("{event}"))
-            .survey(SurveyOptions {
-                // mDNS answers take a second or two to arrive.
-                settle: Duration::from_secs(if args.lan { 8 } else { 4 }),
-                ..SurveyOptions::default()
-            })
+            // mDNS answers take a second or two to arrive.
+            .survey(
+                SurveyOptions::default().with_settle(Duration::from_secs(if args.lan {
+                    8
+                } else {
+                    4
+                })),
+            )
             .listen(multiaddr(if args.lan {
                 "/ip4/0.0.0.0/tcp/0"
             } else {
@@ -458,15 +455,13 @@ pub(crate) fn generate(args: &GenerateArgs, options: GenerateOptions) -> Result<
 }
 
 fn session_options(args: &GenerateArgs) -> SessionOptions {
-    SessionOptions {
-        dtype: match args.wire {
+    SessionOptions::default()
+        .with_dtype(match args.wire {
             crate::WireArg::F32 => Dtype::F32,
             crate::WireArg::F16 => Dtype::F16,
-        },
-        step_timeout: Duration::from_secs_f64(args.step_timeout.max(0.01)),
-        direct: !args.no_direct,
-        ..SessionOptions::default()
-    }
+        })
+        .with_step_timeout(Duration::from_secs_f64(args.step_timeout.max(0.01)))
+        .with_direct(!args.no_direct)
 }
 
 fn client_tokenizer(client: &Client) -> Result<&TextTokenizer, SherpaError> {
@@ -579,10 +574,7 @@ pub(crate) fn demo(servers: u32, prompt: &str, max_new_tokens: usize) -> Result<
         eprintln!("prompt: {prompt}");
         let tokenizer = client_tokenizer(&swarm.client)?;
         let ids = tokenizer.encode_chat(&[ChatMessage::user(prompt)])?;
-        let options = GenerateOptions {
-            max_new_tokens,
-            ..GenerateOptions::default()
-        };
+        let options = GenerateOptions::default().with_max_new_tokens(max_new_tokens);
         let result = run_distributed(&swarm.client, &ids, &options, false).await;
         swarm.shutdown().await;
         result

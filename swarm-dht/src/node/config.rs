@@ -9,6 +9,7 @@ use crate::identity::SwarmKey;
 
 /// Settings of a node.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct NodeConfig {
     /// The node's identity.
     pub key: NodeKey,
