@@ -2,7 +2,7 @@
 //! hop, and the client side that drives one.
 //!
 //! The server keeps each session's KV cache within its memory budget and
-//! refuses a session it cannot hold with a clear [`Refusal::Busy`], never
+//! refuses a session it cannot hold with a clear [`Refusal::Busy`](swarm_core::infer::Refusal::Busy), never
 //! by running out of memory. A session ends when the client closes it,
 //! when its stream breaks, or after an idle timeout; its cache is freed
 //! with it.
