@@ -38,7 +38,7 @@ pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListi
 pub use probe::Bandwidth;
 pub use session::{InferenceService, Link, RemoteSession};
 pub use survey::{
-    survey, survey_hosted, unhosted, wait_for_hosts, HostWait, Survey, SurveyOptions,
+    survey, survey_hosted, unhosted, wait_for_hosts, HostWait, Reach, Survey, SurveyOptions,
 };
 
 /// Protocol id of Sherpa's Kademlia DHT.

@@ -58,6 +58,46 @@ pub struct Survey {
     pub listing: ServerListing,
     /// One candidate per listed server, in the listing's order.
     pub candidates: Vec<Candidate>,
+    /// How this node reached each listed server.
+    pub reach: HashMap<PeerId, Reach>,
+}
+
+/// How a node reached a server when it surveyed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reach {
+    /// On a direct connection.
+    Direct,
+    /// Only through a relay.
+    Relayed,
+    /// Not at all: why.
+    Unreachable(String),
+}
+
+impl Reach {
+    /// `direct`, `relayed` or `unreachable`.
+    pub fn path(&self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Relayed => "relayed",
+            Self::Unreachable(_) => "unreachable",
+        }
+    }
+
+    /// What a user can do about it, when there is something.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Self::Direct => None,
+            Self::Relayed => Some(
+                "reached through the tracker's relay: hole punching did not (yet) give a direct \
+                 connection; a forwarded port or `--listen` on a public address makes it direct",
+            ),
+            Self::Unreachable(_) => Some(
+                "its record is valid but no connection came up: the server may be behind a NAT \
+                 without a relay (`serve --relay always`), firewalled, or just gone",
+            ),
+        }
+    }
 }
 
 impl Survey {
@@ -80,18 +120,28 @@ impl Survey {
         let mut ids = HashSet::new();
         for name in names {
             let before = ids.len();
-            ids.extend(
-                self.listing
-                    .servers
-                    .iter()
-                    .filter(|s| &s.info.public_name == name || &s.peer_id.to_string() == name)
-                    .map(|s| s.info.public_key),
-            );
+            ids.extend(self.named(name));
             if ids.len() == before {
                 return Err(DhtError::UnknownServer(name.clone()));
             }
         }
         Ok(ids)
+    }
+
+    /// The identities of listed servers named in `names`, ignoring names
+    /// that match no listed server (e.g. a saved choice naming servers
+    /// that have left).
+    pub fn ids_listed(&self, names: &[String]) -> HashSet<ServerId> {
+        names.iter().flat_map(|name| self.named(name)).collect()
+    }
+
+    /// Listed servers whose public name or peer id is `name`.
+    fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = ServerId> + 'a {
+        self.listing
+            .servers
+            .iter()
+            .filter(move |s| s.info.public_name == name || s.peer_id.to_string() == name)
+            .map(|s| s.info.public_key)
     }
 
     /// The model's block count, as most servers report it (0 when none).
@@ -108,7 +158,7 @@ pub async fn survey(
     options: &SurveyOptions,
 ) -> Result<Survey, DhtError> {
     let listing = settled_listing(node, model, options.settle).await?;
-    let pings = measure_pings(node, &listing, options.ping_wait).await?;
+    let (pings, unreached) = connect_and_ping(node, &listing, options.ping_wait).await?;
     let probes = match options.probe_bytes {
         Some(bytes) => measure_bandwidth(node, &listing, bytes).await,
         None => HashMap::new(),
@@ -124,9 +174,20 @@ pub async fn survey(
             }
         })
         .collect();
+    let mut reach = HashMap::new();
+    for server in &listing.servers {
+        let peer = server.peer_id;
+        let how = match unreached.get(&peer) {
+            Some(error) => Reach::Unreachable(error.clone()),
+            None if node.direct_ip(peer).await?.is_some() => Reach::Direct,
+            None => Reach::Relayed,
+        };
+        reach.insert(peer, how);
+    }
     Ok(Survey {
         listing,
         candidates,
+        reach,
     })
 }
 
@@ -183,6 +244,16 @@ pub async fn measure_pings(
     listing: &ServerListing,
     wait: Duration,
 ) -> Result<HashMap<PeerId, Duration>, DhtError> {
+    Ok(connect_and_ping(node, listing, wait).await?.0)
+}
+
+/// [`measure_pings`], also returning why each server that could not be
+/// connected was not.
+async fn connect_and_ping(
+    node: &Node,
+    listing: &ServerListing,
+    wait: Duration,
+) -> Result<(HashMap<PeerId, Duration>, HashMap<PeerId, String>), DhtError> {
     let mut connects = tokio::task::JoinSet::new();
     for server in &listing.servers {
         let (node, peer, name) = (
@@ -191,24 +262,31 @@ pub async fn measure_pings(
             server.info.public_name.clone(),
         );
         connects.spawn(async move {
-            match node.connect(peer, Vec::new()).await {
-                Ok(()) => Some(peer),
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "cannot reach server {name}");
-                    None
-                }
+            let result = node.connect(peer, Vec::new()).await;
+            if let Err(e) = &result {
+                tracing::warn!(%peer, error = %e, "cannot reach server {name}");
             }
+            (peer, result.map_err(|e| e.to_string()))
         });
     }
     let mut reached = HashSet::new();
+    let mut unreached = HashMap::new();
     while let Some(done) = connects.join_next().await {
-        reached.extend(done.ok().flatten());
+        match done {
+            Ok((peer, Ok(()))) => {
+                reached.insert(peer);
+            }
+            Ok((peer, Err(e))) => {
+                unreached.insert(peer, e);
+            }
+            Err(e) => tracing::debug!(error = %e, "a connect task failed"),
+        }
     }
     let deadline = Instant::now() + wait;
     loop {
         let pings = node.pings().await?;
         if reached.iter().all(|p| pings.contains_key(p)) || Instant::now() > deadline {
-            return Ok(pings);
+            return Ok((pings, unreached));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
