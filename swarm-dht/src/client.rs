@@ -112,6 +112,9 @@ struct LiveHop {
     session: RemoteSession,
     /// The input of every step so far, as sent.
     inputs: Vec<Vec<f32>>,
+    /// Single-position steps answered here, and their total time.
+    decode_steps: u32,
+    decode_time: Duration,
 }
 
 impl LiveHop {
@@ -190,6 +193,16 @@ impl InferenceSession {
         self.hops.iter().map(|h| h.step.clone()).collect()
     }
 
+    /// Each hop's mean time for a one-position step (the client's round
+    /// trip through it, compute included), in route order; `None` for a
+    /// hop that has run none yet.
+    pub fn hop_latencies(&self) -> Vec<Option<Duration>> {
+        self.hops
+            .iter()
+            .map(|h| (h.decode_steps > 0).then(|| h.decode_time / h.decode_steps))
+            .collect()
+    }
+
     /// The blocks the session runs.
     pub fn span(&self) -> BlockRange {
         self.span
@@ -231,8 +244,13 @@ impl InferenceSession {
         while i < self.hops.len() {
             let timeout = self.timeout_for(&self.hops[i], n);
             let hop = &mut self.hops[i];
+            let started = Instant::now();
             match hop.session.step_within(&x, timeout).await.and_then(finite) {
                 Ok(out) => {
+                    if n == 1 {
+                        hop.decode_steps += 1;
+                        hop.decode_time += started.elapsed();
+                    }
                     hop.inputs.push(std::mem::replace(&mut x, out));
                     i += 1;
                 }
@@ -368,6 +386,8 @@ impl InferenceSession {
                         secs_per_block: candidate.secs_per_block().unwrap_or(0.0),
                         session,
                         inputs: Vec::new(),
+                        decode_steps: 0,
+                        decode_time: Duration::ZERO,
                     }),
                     Err(DhtError::Stopped) => return Err(DhtError::Stopped),
                     Err(e) => {
