@@ -21,18 +21,21 @@
 pub mod backend;
 #[cfg(feature = "bench")]
 pub mod bench;
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 pub mod device;
 mod error;
 pub mod generate;
 pub mod hardware;
 pub mod model_store;
+pub mod nodes;
 pub mod swarm;
 
 pub use device::DeviceSpec;
 pub use error::SherpaError;
 pub use swarm::{
-    Client, ClientBuilder, ClientEvent, Generation, LocalSwarm, Plan, Server, ServerBuilder,
-    Tracker, TrackerBuilder,
+    Client, ClientBuilder, ClientEvent, Generation, LocalSwarm, NodeChoice, Plan, Server,
+    ServerBuilder, Tracker, TrackerBuilder,
 };
 pub use swarm_core::{BlockRange, ModelId};
 pub use swarm_dht::{

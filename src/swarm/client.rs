@@ -31,14 +31,29 @@ pub struct ClientBuilder {
     swarm: SwarmSettings,
     local_blocks: u32,
     max_nodes: usize,
-    pinned: Vec<String>,
-    excluded: Vec<String>,
+    choice: NodeChoice,
     survey: SurveyOptions,
     session: SessionOptions,
     wait_for_hosts: Duration,
     on_event: EventSink,
     device: DeviceSpec,
 }
+
+/// Servers a client must use and must not use, each by public name or
+/// peer id. The auto-selection fills the rest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NodeChoice {
+    /// Always selected.
+    pub pinned: Vec<String>,
+    /// Never used.
+    pub excluded: Vec<String>,
+}
+
+crate::core::with_setters!(NodeChoice {
+    pinned: Vec<String> => with_pinned,
+    excluded: Vec<String> => with_excluded,
+});
 
 /// Something a [`Client`] reports while it works, for a user to see.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,13 +125,13 @@ impl ClientBuilder {
 
     /// Always selects this server (public name or peer id; repeatable).
     pub fn pin(mut self, name: impl Into<String>) -> Self {
-        self.pinned.push(name.into());
+        self.choice.pinned.push(name.into());
         self
     }
 
     /// Never uses this server (public name or peer id; repeatable).
     pub fn exclude(mut self, name: impl Into<String>) -> Self {
-        self.excluded.push(name.into());
+        self.choice.excluded.push(name.into());
         self
     }
 
@@ -195,8 +210,7 @@ impl ClientBuilder {
             tokenizer,
             local: shard,
             policy: SelectionPolicy::default().with_max_nodes(self.max_nodes),
-            pinned: self.pinned,
-            excluded: self.excluded,
+            choice: std::sync::Mutex::new((self.choice, true)),
             survey_options: self.survey,
             session: self.session,
             wait_for_hosts: self.wait_for_hosts,
@@ -216,8 +230,10 @@ pub struct Client {
     tokenizer: Option<TextTokenizer>,
     local: Option<Arc<BlockShard>>,
     policy: SelectionPolicy,
-    pinned: Vec<String>,
-    excluded: Vec<String>,
+    /// The user's pins and exclusions, and whether a name that matches no
+    /// listed server is an error (the builder's, typed by a user) or
+    /// ignored (set later, e.g. a saved choice).
+    choice: std::sync::Mutex<(NodeChoice, bool)>,
     survey_options: SurveyOptions,
     session: SessionOptions,
     wait_for_hosts: Duration,
@@ -247,6 +263,11 @@ pub struct Generation {
     pub route: Vec<RouteStep>,
     /// Servers lost on the way, and what replaced them.
     pub failovers: Vec<swarm_dht::Failover>,
+    /// The route at the end (the same as `route` unless servers were lost).
+    pub final_route: Vec<RouteStep>,
+    /// Each hop of `final_route`'s mean time for a one-token step, round
+    /// trip and compute included.
+    pub hop_latencies: Vec<Option<Duration>>,
 }
 
 /// A survey is reused for this long.
@@ -263,8 +284,7 @@ impl Client {
             swarm: SwarmSettings::default(),
             local_blocks: 0,
             max_nodes: 10,
-            pinned: Vec::new(),
-            excluded: Vec::new(),
+            choice: NodeChoice::default(),
             survey: SurveyOptions::default(),
             session: SessionOptions::default(),
             wait_for_hosts: DEFAULT_WAIT_FOR_HOSTS,
@@ -356,14 +376,77 @@ impl Client {
             }
         };
         let blocks = self.head.config().num_hidden_layers as u32;
-        let overrides = Overrides::default()
-            .with_pinned(survey.ids_named(&self.pinned)?)
-            .with_excluded(survey.ids_named(&self.excluded)?);
+        let overrides = self.overrides(&survey)?;
         let selection = select(&survey.candidates, blocks, &self.policy, &overrides)?;
         Ok(Plan {
             survey,
             selection,
             excluded: overrides.excluded,
+        })
+    }
+
+    /// The servers the user pinned and excluded.
+    pub fn node_choice(&self) -> NodeChoice {
+        self.node_choice_and_strictness().0
+    }
+
+    /// Replaces the pinned and excluded servers; later plans and sessions
+    /// use them. Names that match no listed server are ignored (a saved
+    /// choice may name servers that have left), unlike the builder's.
+    pub fn set_node_choice(&self, choice: NodeChoice) {
+        *self.choice.lock().unwrap_or_else(|e| e.into_inner()) = (choice, false);
+    }
+
+    fn node_choice_and_strictness(&self) -> (NodeChoice, bool) {
+        self.choice
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The auto-selection's limits (how many servers at most).
+    pub fn policy(&self) -> &SelectionPolicy {
+        &self.policy
+    }
+
+    /// The model's servers as a node selector shows them: surveyed now
+    /// (a survey under 30 s old is reused unless `fresh`), without waiting
+    /// for blocks that have no server, and selected over as the next
+    /// generation would select.
+    pub async fn report(&self, fresh: bool) -> Result<crate::nodes::ModelReport, SherpaError> {
+        let cached = match fresh {
+            true => None,
+            false => self
+                .survey
+                .lock()
+                .await
+                .clone()
+                .filter(|(at, _)| at.elapsed() < SURVEY_MAX_AGE),
+        };
+        let survey = match cached {
+            Some((_, survey)) => survey,
+            None => {
+                let survey =
+                    swarm_dht::survey(&self.node, &self.model, &self.survey_options).await?;
+                *self.survey.lock().await = Some((Instant::now(), survey.clone()));
+                survey
+            }
+        };
+        let overrides = self.overrides(&survey)?;
+        crate::nodes::ModelReport::new(self.model.clone(), survey, &self.policy, overrides)
+    }
+
+    /// The user's pins and exclusions among `survey`'s servers.
+    fn overrides(&self, survey: &Survey) -> Result<Overrides, SherpaError> {
+        let (choice, strict) = self.node_choice_and_strictness();
+        Ok(if strict {
+            Overrides::default()
+                .with_pinned(survey.ids_named(&choice.pinned)?)
+                .with_excluded(survey.ids_named(&choice.excluded)?)
+        } else {
+            Overrides::default()
+                .with_pinned(survey.ids_listed(&choice.pinned))
+                .with_excluded(survey.ids_listed(&choice.excluded))
         })
     }
 
@@ -455,6 +538,8 @@ impl Client {
             local_blocks: local.map(|l| l.range()),
             route,
             failovers: session.failovers()[already..].to_vec(),
+            final_route: session.route(),
+            hop_latencies: session.hop_latencies(),
         })
     }
 

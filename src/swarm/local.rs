@@ -36,10 +36,11 @@ impl LocalSwarm {
         Self::start_spans(model, model_id, &spans).await
     }
 
-    /// [`LocalSwarm::start`] with one server per span. When a node fails
-    /// to start, those already running are stopped (their records
-    /// withdrawn) before the error is returned.
-    async fn start_spans(
+    /// [`LocalSwarm::start`] with one server per span (spans may overlap:
+    /// replicas), named `server-0`, `server-1`, ... When a node fails to
+    /// start, those already running are stopped (their records withdrawn)
+    /// before the error is returned.
+    pub async fn start_spans(
         model: &str,
         model_id: ModelId,
         spans: &[BlockRange],

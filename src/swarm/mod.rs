@@ -123,7 +123,7 @@ macro_rules! swarm_setters {
 }
 
 /// Loads a model file on a blocking thread.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, SherpaError> + Send + 'static,
 ) -> Result<T, SherpaError> {
     tokio::task::spawn_blocking(work)
@@ -149,7 +149,9 @@ mod local;
 mod server;
 mod tracker;
 
-pub use client::{Client, ClientBuilder, ClientEvent, Generation, Plan, DEFAULT_WAIT_FOR_HOSTS};
+pub use client::{
+    Client, ClientBuilder, ClientEvent, Generation, NodeChoice, Plan, DEFAULT_WAIT_FOR_HOSTS,
+};
 pub use local::LocalSwarm;
 pub use server::{peer_of, Server, ServerBuilder};
 pub use tracker::{Tracker, TrackerBuilder};

@@ -11,14 +11,12 @@ use sherpa_swarm::dht::{
     self, Multiaddr, Node, NodeConfig, NodeIdentity, RelayMode, Survey, SurveyOptions, SwarmKey,
 };
 use sherpa_swarm::model_store::{self, sherpa_home};
-use sherpa_swarm::score::{
-    plan, select, Candidate, Overrides, Route, RouteOptions, Selection, SelectionPolicy,
-};
+use sherpa_swarm::score::{Overrides, SelectionPolicy};
 use sherpa_swarm::shard::{ChatMessage, GenerateOptions, ShardError, TextTokenizer};
 use sherpa_swarm::{Client, LocalSwarm, Server, SherpaError, Tracker};
 
-use crate::selector::NodesView;
 use crate::{GenerateArgs, NodesArgs, RelayArg, ServeArgs};
+use sherpa_swarm::nodes::ModelReport;
 
 fn net(e: impl std::fmt::Display) -> SherpaError {
     SherpaError::Network(e.to_string())
@@ -49,7 +47,7 @@ fn announce_address(addrs: &[Multiaddr]) {
 }
 
 /// The private swarm key at `path`, if one was given.
-fn swarm_key(path: Option<&Path>) -> Result<Option<SwarmKey>, SherpaError> {
+pub(crate) fn swarm_key(path: Option<&Path>) -> Result<Option<SwarmKey>, SherpaError> {
     let Some(path) = path else { return Ok(None) };
     let key = SwarmKey::load(path).map_err(net)?;
     eprintln!("private swarm, key fingerprint {}", key.fingerprint());
@@ -270,12 +268,12 @@ async fn survey_and_show(
             served = dht::served_models(node).await?;
         }
     }
-    let main = ModelReport::new(model.clone(), survey, &args.selection, !show_all)?;
+    let main = model_report(model.clone(), survey, &args.selection, !show_all)?;
     let mut others = Vec::new();
     if show_all {
         for other in &served {
             let survey = dht::survey(node, &other.model, &options).await?;
-            others.push(ModelReport::new(
+            others.push(model_report(
                 other.model.clone(),
                 survey,
                 &args.selection,
@@ -284,7 +282,7 @@ async fn survey_and_show(
         }
     }
     if args.json {
-        let mut json = main.view().json();
+        let mut json = main.json();
         json["served_models"] = served
             .iter()
             .map(|m| {
@@ -299,14 +297,14 @@ async fn survey_and_show(
         if show_all {
             json["listings"] = others
                 .iter()
-                .map(|r| r.view().json())
+                .map(ModelReport::json)
                 .collect::<Vec<_>>()
                 .into();
         }
         println!("{json}");
         return Ok(());
     }
-    main.view().print();
+    crate::selector::print(&main);
     if main.survey.listing.servers.is_empty() {
         if served.is_empty() {
             println!("the swarm serves no model yet");
@@ -319,7 +317,7 @@ async fn survey_and_show(
     }
     for report in &others {
         println!();
-        report.view().print();
+        crate::selector::print(report);
     }
     Ok(())
 }
@@ -332,75 +330,27 @@ fn dht_list<T: std::fmt::Display>(items: &[T]) -> String {
         .join(", ")
 }
 
-/// One model's servers, selection and route, as `sherpa nodes` shows them.
-struct ModelReport {
+/// Selects and routes over `survey` as `sherpa nodes` shows it. With
+/// `strict`, a --pin or --exclude naming no listed server is an error;
+/// otherwise (showing several models) such names are passed over.
+fn model_report(
     model: ModelId,
     survey: Survey,
-    selection: Option<Selection>,
-    /// The selected candidates and the route through them.
-    route: Option<(Vec<Candidate>, Route)>,
-}
-
-impl ModelReport {
-    /// Selects and routes over `survey`. With `strict`, a --pin or
-    /// --exclude naming no listed server is an error; otherwise (showing
-    /// several models) such names are passed over.
-    fn new(
-        model: ModelId,
-        survey: Survey,
-        selection_args: &crate::SelectionArgs,
-        strict: bool,
-    ) -> Result<Self, SherpaError> {
-        let named = |names: &[String]| -> Result<_, SherpaError> {
-            if strict {
-                return Ok(survey.ids_named(names)?);
-            }
-            let known: Vec<String> = names
-                .iter()
-                .filter(|n| survey.ids_named(std::slice::from_ref(*n)).is_ok())
-                .cloned()
-                .collect();
-            Ok(survey.ids_named(&known)?)
-        };
-        let overrides = Overrides::default()
-            .with_pinned(named(&selection_args.pin)?)
-            .with_excluded(named(&selection_args.exclude)?);
-        let policy = SelectionPolicy::default().with_max_nodes(selection_args.max_nodes);
-        let blocks = survey.model_blocks();
-        let selection = if blocks > 0 {
-            Some(select(&survey.candidates, blocks, &policy, &overrides).map_err(net)?)
+    selection_args: &crate::SelectionArgs,
+    strict: bool,
+) -> Result<ModelReport, SherpaError> {
+    let named = |names: &[String]| -> Result<_, SherpaError> {
+        Ok(if strict {
+            survey.ids_named(names)?
         } else {
-            None
-        };
-        let route = selection.as_ref().and_then(|sel| {
-            let chosen: Vec<Candidate> = sel
-                .selected
-                .iter()
-                .map(|&i| survey.candidates[i].clone())
-                .collect();
-            let span = BlockRange::new(0, blocks).ok()?;
-            plan(&chosen, span, &RouteOptions::default(), &Default::default())
-                .ok()
-                .map(|route| (chosen, route))
-        });
-        Ok(Self {
-            model,
-            survey,
-            selection,
-            route,
+            survey.ids_listed(names)
         })
-    }
-
-    fn view(&self) -> NodesView<'_> {
-        NodesView {
-            model: &self.model,
-            blocks: self.survey.model_blocks(),
-            listing: &self.survey.listing,
-            candidates: &self.survey.candidates,
-            selection: self.selection.as_ref(),
-            route: self.route.as_ref().map(|(c, r)| (c.as_slice(), r)),
-        }
-    }
+    };
+    let overrides = Overrides::default()
+        .with_pinned(named(&selection_args.pin)?)
+        .with_excluded(named(&selection_args.exclude)?);
+    let policy = SelectionPolicy::default().with_max_nodes(selection_args.max_nodes);
+    ModelReport::new(model, survey, &policy, overrides)
 }
 
 /// The peer-to-peer side of `sherpa generate`: a client joins the swarm,
