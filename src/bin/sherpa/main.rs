@@ -51,7 +51,17 @@ enum Command {
         /// Most tokens to generate.
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
+        /// Keep the swarm running and serve the dashboard (web UI and
+        /// OpenAI-compatible API) on it instead of generating once.
+        #[arg(long)]
+        dashboard: bool,
+        /// Where the dashboard listens (with --dashboard).
+        #[arg(long, default_value_t = sherpa_swarm::dashboard::DEFAULT_LISTEN, requires = "dashboard")]
+        listen: std::net::SocketAddr,
     },
+    /// Serve the dashboard: a web UI (swarm mode, node selector, chat) and
+    /// an OpenAI-compatible API, holding one swarm client.
+    Dashboard(DashboardArgs),
     /// Run a tracker: the bootstrap node servers and clients meet through.
     Tracker {
         /// Addresses to listen on (repeatable) [default: TCP and QUIC on port 4343, all interfaces].
@@ -86,6 +96,32 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+}
+
+#[derive(Args, Debug)]
+struct DashboardArgs {
+    /// Where to listen. Beyond loopback, API requests need a bearer token.
+    #[arg(long, default_value_t = sherpa_swarm::dashboard::DEFAULT_LISTEN)]
+    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    /// The model to chat with: a .gguf file, an HF directory, or a known name.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// The API's bearer token (default: $SHERPA_API_TOKEN; made up and
+    /// printed when listening beyond loopback without one).
+    #[arg(long)]
+    token: Option<String>,
+    /// An origin allowed to call the API from a browser page (CORS), or *.
+    #[arg(long)]
+    cors_origin: Option<String>,
+    /// Where the swarm mode, tracker and node choice are kept (default:
+    /// $SHERPA_HOME/dashboard.json).
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Device for the client's part of the model: cpu, cuda[:N] or metal[:N].
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 #[derive(Args, Debug)]
@@ -289,7 +325,13 @@ fn main() -> ExitCode {
             servers,
             prompt,
             max_new_tokens,
+            dashboard: false,
+            ..
         } => network::demo(servers, &prompt, max_new_tokens),
+        Command::Demo {
+            servers, listen, ..
+        } => dashboard::demo(servers, listen),
+        Command::Dashboard(args) => dashboard::dashboard(args),
         Command::Bench {
             json,
             tokens,
@@ -313,6 +355,7 @@ fn main() -> ExitCode {
     }
 }
 
+mod dashboard;
 mod network;
 mod selector;
 
