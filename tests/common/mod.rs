@@ -158,3 +158,94 @@ pub fn interrupt(child: &mut ChildGuard) {
 mod raw;
 #[allow(unused_imports)]
 pub use raw::raw_peer;
+
+/// One HTTP/1.1 request to `url` (`http://host:port/path`) on a fresh
+/// connection: (status, body). Bodies are sent as JSON.
+#[allow(dead_code)]
+pub fn http(method: &str, url: &str, body: Option<&serde_json::Value>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let path = path.split('#').next().unwrap_or("/").to_owned();
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    if body.is_some() {
+        head += &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            payload.len()
+        );
+    }
+    head += "\r\n";
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(payload.as_bytes()).unwrap();
+    // Some servers keep the connection open whatever the request says:
+    // read by the answer's own framing.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16384];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the connection closed before the headers ended");
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let headers = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    let status = headers.split(' ').nth(1).unwrap().parse().unwrap();
+    let length = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse::<usize>().unwrap());
+    let chunked = headers.contains("transfer-encoding: chunked");
+    let complete = |body: &[u8]| match (length, chunked) {
+        (Some(n), _) => body.len() >= n,
+        (None, true) => body.ends_with(b"0\r\n\r\n"),
+        (None, false) => false,
+    };
+    while !complete(&raw[head_end..]) {
+        let n = stream.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw[head_end..]).into_owned();
+    let mut body = text.as_str();
+    let mut whole = String::new();
+    if chunked {
+        while let Some((size, rest)) = body.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            whole += &rest[..size];
+            body = &rest[size + 2..];
+        }
+    } else {
+        whole = body.to_owned();
+    }
+    (status, whole)
+}
+
+/// Waits up to `limit` for `url`'s `/health` to answer 200.
+#[allow(dead_code)]
+pub fn wait_healthy(base: &str, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let (status, body) = http("GET", &format!("{base}health"), None);
+        if status == 200 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{base} is not healthy after {limit:?}: {status} {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
