@@ -9,6 +9,10 @@
 //!
 //! A LAN client (`sherpa generate --lan`) finds two servers splitting the
 //! model and generates what the local model does, token for token.
+//!
+//! The dashboard in LAN mode (`sherpa dashboard --lan`) shows servers in
+//! its node list as they pair, one and then the other, and chats through
+//! them.
 
 #![cfg(feature = "cli")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -143,5 +147,112 @@ fn a_lan_client_generates_through_lan_servers() {
     let (streams, stderr) = generate(&["--lan", "--wire", "f32", "--no-direct"]);
     assert_eq!(streams, local, "{stderr}");
     assert_eq!(stderr.matches(", libp2p stream)").count(), 2, "{stderr}");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// `GET url` (or `POST` with a JSON body) from inside namespace `node`,
+/// where the dashboard's loopback address is: (status, body).
+fn http_in(ns: &Netns, node: usize, url: &str, body: Option<&serde_json::Value>) -> (u16, String) {
+    const SCRIPT: &str = r#"
+import sys, urllib.request, urllib.error
+data = sys.argv[2].encode() if len(sys.argv) > 2 else None
+req = urllib.request.Request(sys.argv[1], data=data, headers={"Content-Type": "application/json"})
+try:
+    r = urllib.request.urlopen(req, timeout=120)
+    print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+"#;
+    let mut cmd = ns.command(node, "python3");
+    cmd.args(["-c", SCRIPT, url]);
+    if let Some(body) = body {
+        cmd.arg(body.to_string());
+    }
+    let out = String::from_utf8(common::output_ok(&mut cmd)).unwrap();
+    let (status, body) = out.split_once('\n').unwrap();
+    (status.trim().parse().unwrap(), body.to_owned())
+}
+
+/// Asks the dashboard for its nodes (a fresh survey) until `enough` holds.
+fn nodes_until(
+    ns: &Netns,
+    url: &str,
+    what: &str,
+    enough: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let (status, body) = http_in(ns, 1, &format!("{url}api/nodes?refresh=1"), None);
+        if status == 200 {
+            let nodes: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if enough(&nodes) {
+                return nodes;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dashboard never showed {what}: {status} {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn the_dashboard_in_lan_mode_shows_servers_as_they_pair() {
+    let Some(ns) = Netns::create_or_skip(2, &[(0, 1)]) else {
+        return;
+    };
+    let scratch = scratch("lan-dashboard");
+    let _a = serve_span(&ns, &scratch, None, "0..15", "lan-a");
+    let mut cmd = ns.command(1, SHERPA);
+    cmd.args(["dashboard", "--lan", "--listen", "127.0.0.1:0", "--model"])
+        .arg(common::smollm2())
+        .arg("--state-file")
+        .arg(scratch.join("dashboard.json"));
+    let (_dashboard, url) = common::spawn_first_line(&mut cmd);
+    assert!(url.starts_with("http://127.0.0.1:"), "{url:?}");
+
+    let names = |nodes: &serde_json::Value| -> Vec<String> {
+        let mut names: Vec<String> = nodes["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let one = nodes_until(&ns, &url, "lan-a", |n| names(n) == ["lan-a"]);
+    assert_eq!(one["coverage"]["covered"], false, "{one}");
+    assert_eq!(
+        one["coverage"]["missing"],
+        serde_json::json!([{"start": 15, "end": 30}])
+    );
+    assert_eq!(one["servers"][0]["reachability"]["path"], "direct");
+
+    // A second server appears as it pairs, and the model is covered.
+    let _b = serve_span(&ns, &scratch, None, "15..30", "lan-b");
+    let two = nodes_until(&ns, &url, "lan-a and lan-b", |n| {
+        names(n) == ["lan-a", "lan-b"]
+    });
+    assert_eq!(two["coverage"]["covered"], true, "{two}");
+
+    let (status, state) = http_in(&ns, 1, &format!("{url}api/state"), None);
+    assert_eq!(status, 200);
+    assert!(state.contains("\"mode\":\"lan\""), "{state}");
+    let (status, answer) = http_in(
+        &ns,
+        1,
+        &format!("{url}v1/chat/completions"),
+        Some(&serde_json::json!({
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "Name three rivers."}],
+            "max_tokens": 8,
+            "temperature": 0,
+        })),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 8, "{answer}");
     let _ = std::fs::remove_dir_all(&scratch);
 }
