@@ -175,7 +175,10 @@ impl Session {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 )
             });
-        assert!(addr.contains("/p2p/12D3"), "{line:?} printed {addr:?}");
+        assert!(
+            addr.contains("/p2p/12D3") || addr.starts_with("http://127.0.0.1:"),
+            "{line:?} printed {addr:?}"
+        );
         self.daemons.push(Daemon {
             subcommand: subcommand(line).to_owned(),
             addr,
@@ -260,6 +263,14 @@ fn every_shell_example_in_the_readme_works_as_written() {
             let started = Instant::now();
             match subcommand(&command) {
                 "tracker" | "serve" => session.spawn(&command),
+                "dashboard" => {
+                    session.spawn(&command);
+                    check_dashboard(&session.daemons.last().unwrap().addr);
+                }
+                "demo" if command.contains("--dashboard") => {
+                    session.spawn(&command);
+                    check_dashboard(&session.daemons.last().unwrap().addr);
+                }
                 "nodes" => {
                     let (stdout, _) = session.run(&command);
                     let expected = format!("{} servers of smollm2-135m", session.servers());
@@ -304,12 +315,33 @@ fn every_shell_example_in_the_readme_works_as_written() {
         "sherpa tracker",
         "sherpa serve",
         "sherpa nodes",
+        "sherpa dashboard",
+        "sherpa demo --dashboard",
     ] {
         assert!(
             ran.iter().any(|c| c.starts_with(must)),
             "the README no longer runs {must}: {ran:?}"
         );
     }
+}
+
+/// A dashboard a README line started becomes healthy and chats.
+fn check_dashboard(url: &str) {
+    common::wait_healthy(url, Duration::from_secs(180));
+    let (status, body) = common::http(
+        "POST",
+        &format!("{url}v1/chat/completions"),
+        Some(&serde_json::json!({
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 8,
+            "temperature": 0,
+        })),
+    );
+    assert_eq!(status, 200, "{url}: {body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.trim().is_empty(), "{url} answered {body}");
 }
 
 /// Every flag of the README's command-line synopsis exists.
