@@ -173,7 +173,8 @@ except urllib.error.HTTPError as e:
     (status.trim().parse().unwrap(), body.to_owned())
 }
 
-/// Asks the dashboard for its nodes (a fresh survey) until `enough` holds.
+/// Asks the dashboard for its nodes, as the page polls them (no forced
+/// survey), until `enough` holds.
 fn nodes_until(
     ns: &Netns,
     url: &str,
@@ -182,7 +183,7 @@ fn nodes_until(
 ) -> serde_json::Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     loop {
-        let (status, body) = http_in(ns, 1, &format!("{url}api/nodes?refresh=1"), None);
+        let (status, body) = http_in(ns, 1, &format!("{url}api/nodes"), None);
         if status == 200 {
             let nodes: serde_json::Value = serde_json::from_str(&body).unwrap();
             if enough(&nodes) {

@@ -410,11 +410,11 @@ impl Client {
     }
 
     /// The model's servers as a node selector shows them: surveyed now
-    /// (a survey under 30 s old is reused unless `fresh`), without waiting
-    /// for blocks that have no server, and selected over as the next
-    /// generation would select.
+    /// (a survey under 30 s old is reused unless `fresh` or the servers
+    /// listed have changed since), without waiting for blocks that have
+    /// no server, and selected over as the next generation would select.
     pub async fn report(&self, fresh: bool) -> Result<crate::nodes::ModelReport, SherpaError> {
-        let cached = match fresh {
+        let mut cached = match fresh {
             true => None,
             false => self
                 .survey
@@ -423,6 +423,19 @@ impl Client {
                 .clone()
                 .filter(|(at, _)| at.elapsed() < SURVEY_MAX_AGE),
         };
+        if let Some((_, survey)) = &cached {
+            // A listing is cheap; measuring every server is not.
+            let listing = self
+                .node
+                .list_servers(&self.model, swarm_dht::now_ms())
+                .await?;
+            let peers = |l: &swarm_dht::ServerListing| {
+                l.servers.iter().map(|s| s.peer_id).collect::<HashSet<_>>()
+            };
+            if peers(&listing) != peers(&survey.listing) {
+                cached = None;
+            }
+        }
         let survey = match cached {
             Some((_, survey)) => survey,
             None => {

@@ -45,15 +45,14 @@ const fmtMbit = (bps) => {
 const fmtGB = (bytes) => (isNum(bytes) ? (bytes / 1e9).toFixed(1) + ' GB' : '—');
 const fmtInt = (v) => (isNum(v) ? Math.round(v).toLocaleString('en-US') : '—');
 const blocksOf = (b) => (b && isNum(b.start) && isNum(b.end) ? b : null);
-// A hosted span as the server reports it, half-open: "0–15".
-const fmtSpan = (b) => (blocksOf(b) ? `${b.start}–${b.end}` : '—');
+// Block ranges read as everywhere else in Sherpa (the command line, the
+// server's messages): half-open, "0..15" is blocks 0 to 14.
+const fmtSpan = (b) => (blocksOf(b) ? `${b.start}..${b.end}` : '—');
 const spanTitle = (b) => (blocksOf(b) ? `blocks ${b.start} to ${b.end - 1} (${b.end - b.start} blocks)` : '');
-// Missing ranges are shown inclusive: {start:15,end:30} -> "15–29".
-const fmtRange = (r) => (r.end - r.start === 1 ? `${r.start}` : `${r.start}–${r.end - 1}`);
+const fmtRange = (r) => `${r.start}..${r.end}`;
 
 function humanError(message) {
-  let text = String(message || 'Something went wrong').trim();
-  text = text.replace(/(\d+)\s*\.\.\s*(\d+)/g, '$1–$2');
+  const text = String(message || 'Something went wrong').trim();
   return text.charAt(0).toUpperCase() + text.slice(1);
 }
 
@@ -413,7 +412,7 @@ function coverageSentence(missing, n) {
   if (!missing.length) return `Selection covers all ${n} blocks`;
   const count = missing.reduce((sum, r) => sum + (r.end - r.start), 0);
   const parts = missing.map(fmtRange).join(', ');
-  return count === 1 ? `Block ${parts} has no selected server` : `Blocks ${parts} have no selected server`;
+  return count === 1 ? `Block ${missing[0].start} has no selected server` : `Blocks ${parts} have no selected server`;
 }
 
 function renderCoverage(local) {
@@ -730,7 +729,7 @@ function renderDetails() {
   }
   const bw = (measured, reported) => {
     let t = fmtMbit(measured);
-    if (isNum(reported) && reported !== measured) t += ` (reports ${fmtMbit(reported)})`;
+    if (isNum(reported) && reported > 0 && reported !== measured) t += ` (reports ${fmtMbit(reported)})`;
     return t;
   };
   const status = s.status || (s.selected ? 'selected' : '-');
@@ -739,12 +738,12 @@ function renderDetails() {
     ['Peer ID', h('span', { class: 'mono', text: s.peer_id || '—' })],
     ['Rank', isNum(s.rank) ? `#${s.rank}` : '—'],
     ['Status', `${STATUS_TEXT[status] || status}${s.pinned && status !== 'pinned' ? ' · pinned' : ''}${s.excluded && status !== 'excluded' ? ' · excluded' : ''}`],
-    ['Blocks', blocksOf(s.blocks) ? `${fmtSpan(s.blocks)} (${spanTitle(s.blocks)})` : '—'],
+    ['Blocks', blocksOf(s.blocks) ? `${fmtSpan(s.blocks)}: ${spanTitle(s.blocks)}` : '—'],
     ['Hardware', s.hardware || '—'],
     ['Compute', s.gpu ? 'GPU' : 'CPU'],
     ['Memory free', memoryText(s)],
     ['CPU cores', fmtInt(s.cpu_cores)],
-    ['Throughput', isNum(s.throughput) ? `${fmt(s.throughput)} tokens/s` : '—'],
+    ['Throughput', isNum(s.throughput) ? `${fmt(s.throughput)} blocks × tokens/s` : '—'],
     ['Cache free', isNum(s.cache_tokens_free) ? `${fmtInt(s.cache_tokens_free)} tokens` : '—'],
     ['Sessions', fmtInt(s.sessions)],
     ['Version', s.software_version || '—'],
