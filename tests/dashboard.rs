@@ -714,3 +714,105 @@ async fn beyond_loopback_every_api_request_needs_the_token() {
     .assert_error(503, "no_swarm");
     dashboard.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_lost_mid_answer_is_replaced_and_the_stream_says_so() {
+    let model = common::smollm2();
+    let expected = local_reply(&model);
+    // Two replicas of each third of the model.
+    let spans: Vec<sherpa_swarm::BlockRange> = (0..6)
+        .map(|i| sherpa_swarm::BlockRange::new(10 * (i % 3), 10 * (i % 3) + 10).unwrap())
+        .collect();
+    let mut swarm = LocalSwarm::start_spans(
+        &model.to_string_lossy(),
+        ModelId::new("smollm2-135m").unwrap(),
+        &spans,
+    )
+    .await
+    .unwrap();
+    let dir = scratch("failover");
+    let dashboard = Dashboard::start(config(&model, &swarm, &dir.join("state.json")))
+        .await
+        .unwrap();
+    dashboard
+        .wait_ready(Duration::from_secs(120))
+        .await
+        .unwrap();
+    let addr = dashboard.addr();
+
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let body = chat(true, TOKENS);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the route and a few tokens have come.
+    while raw.windows(6).filter(|w| w == b"data: ").count() < 4 {
+        let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the stream ended early");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let route_line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(": route "))
+        .expect("the stream starts with its route");
+    let route: Value = serde_json::from_str(route_line).unwrap();
+    let middle = route["hops"][1]["peer_id"].as_str().unwrap().to_owned();
+    let victim = swarm
+        .servers
+        .iter()
+        .position(|s| s.node().peer_id().to_string() == middle)
+        .unwrap();
+    swarm.servers.remove(victim).abort().await;
+
+    stream.read_to_end(&mut raw).await.unwrap();
+    let answer = parse(&raw);
+    let (comments, data) = events(&answer.text());
+    let text: String = data
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, expected, "the answer changed when a server was lost");
+    let notice: Value = comments
+        .iter()
+        .find_map(|c| c.strip_prefix("failover "))
+        .map(|c| serde_json::from_str(c).unwrap())
+        .unwrap_or_else(|| panic!("no failover notice in the stream: {comments:?}"));
+    assert_eq!(notice["lost"]["peer_id"], middle.as_str(), "{notice}");
+    assert_eq!(notice["replaced_by"][0]["blocks"]["start"], 10, "{notice}");
+    let taken = request(addr, "GET", "/api/route", &[], None).await.json();
+    assert_eq!(taken["failovers"].as_array().unwrap().len(), 1, "{taken}");
+    assert_ne!(taken["hops"][1]["peer_id"], middle.as_str(), "{taken}");
+
+    // Two requests at once each get their own session.
+    let body = chat(false, TOKENS);
+    let (a, b) = tokio::join!(
+        request(addr, "POST", "/v1/chat/completions", &[JSON], Some(&body)),
+        request(addr, "POST", "/v1/chat/completions", &[JSON], Some(&body)),
+    );
+    for answer in [a, b] {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(
+            answer.json()["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap(),
+            expected
+        );
+    }
+    dashboard.shutdown().await;
+    swarm.shutdown().await;
+}

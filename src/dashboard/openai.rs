@@ -299,6 +299,8 @@ fn stops(sampling: &Sampling) -> Result<Vec<String>, ApiError> {
 /// What the generation task tells the answer.
 enum Event {
     Text(String),
+    /// A server was lost and replaced, as it happens.
+    Failover(Value),
     Done(Result<Summary, ApiError>),
 }
 
@@ -365,7 +367,13 @@ async fn run(
     let route = route_json(&session.route(), &[], client.local_blocks());
     // Room for every piece and the end: the task never waits on a slow
     // reader, and the channel is still bounded.
-    let (tx, rx) = mpsc::channel(options.max_new_tokens + 2);
+    // (Failover notices beyond the spare room are dropped: the final route
+    // lists them all.)
+    let (tx, rx) = mpsc::channel(options.max_new_tokens + 2 + FAILOVER_NOTICES);
+    let notices = tx.clone();
+    session.on_failover(move |f| {
+        let _ = notices.try_send(Event::Failover(failover_json(f)));
+    });
     let task_shared = shared.clone();
     let model = client.model().as_str().to_owned();
     tokio::spawn(async move {
@@ -504,15 +512,7 @@ async fn generate(
     route["failovers"] = generation
         .failovers
         .iter()
-        .map(|f| {
-            json!({
-                "lost": hop_json(&f.lost, None),
-                "error": f.error,
-                "replaced_by": f.replaced_by.iter().map(|h| hop_json(h, None)).collect::<Vec<_>>(),
-                "replayed_positions": f.replayed_positions,
-                "took_ms": f.took.as_secs_f64() * 1000.0,
-            })
-        })
+        .map(failover_json)
         .collect::<Vec<_>>()
         .into();
     let summary = Summary {
@@ -557,6 +557,19 @@ fn swarm_error(e: SherpaError) -> ApiError {
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     };
     ApiError::new(status, code, e.to_string())
+}
+
+/// Failover notices an answer has room for while it streams.
+const FAILOVER_NOTICES: usize = 8;
+
+fn failover_json(f: &crate::Failover) -> Value {
+    json!({
+        "lost": hop_json(&f.lost, None),
+        "error": f.error,
+        "replaced_by": f.replaced_by.iter().map(|h| hop_json(h, None)).collect::<Vec<_>>(),
+        "replayed_positions": f.replayed_positions,
+        "took_ms": f.took.as_secs_f64() * 1000.0,
+    })
 }
 
 fn hop_json(step: &RouteStep, latency: Option<Duration>) -> Value {
@@ -657,6 +670,7 @@ async fn whole_answer(meta: Meta, mut rx: mpsc::Receiver<Event>) -> Result<Respo
     while let Some(event) = rx.recv().await {
         match event {
             Event::Text(piece) => text.push_str(&piece),
+            Event::Failover(_) => {}
             Event::Done(Ok(summary)) => return Ok(Json(meta.whole(text, &summary)).into_response()),
             Event::Done(Err(e)) => return Err(e),
         }
@@ -707,6 +721,7 @@ fn stream_answer(meta: Meta, route: Value, rx: mpsc::Receiver<Event>) -> Respons
         }
         let bytes = match r.rx.recv().await {
             Some(Event::Text(piece)) => sse_data(&r.meta.chunk(Some(&piece), r.first, None)),
+            Some(Event::Failover(notice)) => sse_comment("failover", &notice),
             Some(Event::Done(Ok(summary))) => {
                 r.ended = true;
                 let mut out = sse_data(&r.meta.chunk(None, false, Some(&summary))).to_vec();

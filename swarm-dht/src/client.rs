@@ -146,6 +146,16 @@ pub struct InferenceSession {
     /// Why the session cannot go on, once a failover has failed: its route
     /// has a hole, so no later step may run.
     broken: Option<String>,
+    on_failover: Option<FailoverHook>,
+}
+
+/// A callback told of each failover.
+struct FailoverHook(Box<dyn Fn(&Failover) + Send + Sync>);
+
+impl std::fmt::Debug for FailoverHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FailoverHook(..)")
+    }
 }
 
 /// Which servers a session may use.
@@ -183,6 +193,7 @@ impl InferenceSession {
             failovers: Vec::new(),
             positions: 0,
             broken: None,
+            on_failover: None,
         };
         session.hops = session.open_span(span).await?;
         Ok(session)
@@ -300,7 +311,7 @@ impl InferenceSession {
                     tracing::warn!(server = %bad.step.name, error = %e, "replacement failed during replay");
                     self.failed.insert(bad.server);
                     self.check_failovers(&bad.step, &e)?;
-                    self.failovers.push(Failover {
+                    self.record(Failover {
                         lost: bad.step.clone(),
                         error: e.to_string(),
                         replaced_by: Vec::new(),
@@ -314,7 +325,7 @@ impl InferenceSession {
         let tail = self.hops.split_off(i);
         self.hops.append(&mut new_hops);
         self.hops.extend(tail);
-        self.failovers.push(Failover {
+        self.record(Failover {
             lost: lost.step,
             error: error.to_string(),
             replaced_by,
@@ -322,6 +333,20 @@ impl InferenceSession {
             took: started.elapsed(),
         });
         Ok(())
+    }
+
+    /// Keeps a failover and tells the hook, if any.
+    fn record(&mut self, failover: Failover) {
+        if let Some(hook) = &self.on_failover {
+            (hook.0)(&failover);
+        }
+        self.failovers.push(failover);
+    }
+
+    /// Calls `f` with each failover as it happens (the failed server, why,
+    /// and what replaced it), e.g. to show it while tokens stream.
+    pub fn on_failover(&mut self, f: impl Fn(&Failover) + Send + Sync + 'static) {
+        self.on_failover = Some(FailoverHook(Box::new(f)));
     }
 
     fn check_failovers(&self, lost: &RouteStep, error: &DhtError) -> Result<(), DhtError> {
