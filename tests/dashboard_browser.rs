@@ -6,7 +6,9 @@
 //! the servers ranked and ten checked, uncheck servers and see the
 //! selection and the coverage follow, open a node's details, and chat:
 //! the streamed answer equals `sherpa generate`'s for the same greedy
-//! request. Elements are found by their labels and roles.
+//! request; Retry asks again, Stop ends a long answer and the servers
+//! drop its session. Elements are found by their labels and roles, keys
+//! work (Escape closes the selector).
 //!
 //! Screenshots of every step go to `target/dashboard-screenshots/`.
 
@@ -168,7 +170,9 @@ impl Browser {
             }
             if Instant::now() > deadline {
                 self.shot("timeout");
-                panic!("waited 60 s for {what}");
+                let note =
+                    self.script("return document.getElementById('selection-note').textContent");
+                panic!("waited 60 s for {what} (the page's note: {note})");
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -199,6 +203,19 @@ impl Browser {
             .as_str()
             .unwrap()
             .to_owned()
+    }
+
+    /// Presses a key (a WebDriver key code such as `\u{E00C}`, Escape).
+    fn press(&self, key: &str) {
+        self.call(
+            "POST",
+            "actions",
+            Some(
+                json!({"actions": [{"type": "key", "id": "keyboard", "actions": [
+                    {"type": "keyDown", "value": key}, {"type": "keyUp", "value": key},
+                ]}]}),
+            ),
+        );
     }
 
     fn checked(&self, element: &str) -> bool {
@@ -355,22 +372,24 @@ fn a_person_chooses_wan_checks_nodes_and_chats_in_the_browser() {
         .map(|s| format!("Use {}", s["name"].as_str().unwrap()))
         .collect();
     assert_eq!(last_third.len(), 4);
-    for label in &last_third {
-        let (_, element) = use_boxes(&browser)
-            .into_iter()
-            .find(|(l, _)| l == label)
-            .unwrap();
-        if browser.checked(&element) {
-            browser.click(&element);
+    // A server left unchecked is still the swarm's to choose: once the
+    // others are unchecked, it takes their place and the page says so; the
+    // person unchecks it too.
+    browser.wait("every host of blocks 20..30 to be unchecked", || {
+        for label in &last_third {
+            let (_, element) = use_boxes(&browser)
+                .into_iter()
+                .find(|(l, _)| l == label)
+                .unwrap();
+            if browser.checked(&element) {
+                browser.click(&element);
+            }
         }
-    }
-    browser.wait("the coverage line to name the gap", || {
         let status = coverage_status(&browser);
-        (status.contains("Blocks 20..30") && !status.contains("all 30")).then_some(())
-    });
-    browser.wait("the dashboard to keep the choice", || {
         let nodes = api("api/nodes");
-        (nodes["excluded"].as_array().unwrap().len() == 4 && nodes["coverage"]["covered"] == false)
+        (status.contains("Blocks 20..30")
+            && nodes["excluded"].as_array().unwrap().len() == 4
+            && nodes["coverage"]["covered"] == false)
             .then_some(())
     });
     let cells = browser.all("//dialog//*[@id='modal-coverage-bar']/*");
@@ -394,7 +413,19 @@ fn a_person_chooses_wan_checks_nodes_and_chats_in_the_browser() {
             .contains("all 30 blocks")
             .then_some(())
     });
-    browser.click(&browser.find("//dialog//button[normalize-space()='Close']"));
+    // Escape closes the selector, and focus goes back where it was.
+    browser.press("\u{E00C}");
+    browser.wait("the selector to close", || {
+        browser.all("//dialog[@open]").is_empty().then_some(())
+    });
+    let focused = browser.script("return document.activeElement && document.activeElement.id");
+    assert!(
+        matches!(
+            focused.as_str(),
+            Some("connect" | "mode-wan" | "open-selector")
+        ),
+        "focus after closing the selector: {focused}"
+    );
 
     // Chat, with the settings a greedy `sherpa generate` uses.
     browser.click(&browser.find("//summary[normalize-space()='Settings']"));
@@ -432,6 +463,50 @@ fn a_person_chooses_wan_checks_nodes_and_chats_in_the_browser() {
     );
     browser.shot("06-answer");
 
+    // Retry asks again: greedy, so the same answer.
+    browser.click(&browser.find("//button[normalize-space()='Retry']"));
+    browser.wait("the retried answer to finish", || {
+        let answers = browser.all("//article[@aria-label='Assistant']");
+        let streaming = browser.all("//article[@aria-label='Assistant'][@data-streaming]");
+        (answers.len() == 1 && streaming.is_empty()).then_some(())
+    });
+    let again = browser.script("return document.getElementById('last-answer').textContent");
+    assert_eq!(
+        again.as_str().unwrap().trim(),
+        reference.trim(),
+        "after Retry"
+    );
+
+    // Stop ends a long answer and the servers drop its session.
+    browser.clear(&max_tokens);
+    browser.type_text(&max_tokens, "2000");
+    browser.type_text(&prompt, "Tell me a very long story about a mountain.");
+    browser.click(&browser.find("//button[normalize-space()='Send']"));
+    browser.wait("a few streamed words", || {
+        let text = browser.script("return document.getElementById('last-answer').textContent");
+        (text.as_str().unwrap_or("").split_whitespace().count() >= 5).then_some(())
+    });
+    browser.click(&browser.find("//button[normalize-space()='Stop']"));
+    browser.wait("the answer to stop", || {
+        browser
+            .all("//article[@aria-label='Assistant'][@data-streaming]")
+            .is_empty()
+            .then_some(())
+    });
+    browser.wait("the servers to drop the stopped session", || {
+        swarm
+            .servers
+            .iter()
+            .all(|s| s.current_info().sessions == 0)
+            .then_some(())
+    });
+    let (_, metrics) = common::http("GET", &format!("{}metrics", dashboard.url()), None);
+    assert!(
+        metrics.contains("sherpa_completions_cancelled_total 1"),
+        "{metrics}"
+    );
+    browser.shot("07-stopped");
+
     drop(browser);
 
     // The same page on a phone's screen: nothing wider than the screen.
@@ -443,7 +518,7 @@ fn a_person_chooses_wan_checks_nodes_and_chats_in_the_browser() {
         overflow.as_i64().unwrap() <= 0,
         "the page is {overflow} px wider than a phone"
     );
-    phone.shot("07-phone");
+    phone.shot("08-phone");
     drop(phone);
     runtime.block_on(dashboard.shutdown());
     runtime.block_on(swarm.shutdown());

@@ -137,6 +137,8 @@ const S = {
   surveying: 0,
   selGen: 0,            // bumped on each selection change; stale answers are dropped
   putPending: 0,
+  putInflight: false,   // a PUT /api/selection is out
+  putQueued: null,      // changes made meanwhile: {reset}
   checked: new Set(),   // peer ids checked in the node selector (local, immediate)
   pinned: new Set(),
   excluded: new Set(),
@@ -348,7 +350,8 @@ async function loadNodes({ refresh = false } = {}) {
   if (counted) setSurveying(+1);
   try {
     const data = await api(refresh ? '/api/nodes?refresh=1' : '/api/nodes');
-    if (gen === S.selGen && data) {
+    // A choice still being saved is newer than what this answer says.
+    if (gen === S.selGen && !S.putInflight && data) {
       S.nodesError = null;
       S.nodes = data;
       takeSelection(data);
@@ -651,14 +654,33 @@ function commitSelection(reset = false) {
   // Instant feedback from the checkboxes, then the server's answer.
   if (!reset) renderCoverage(localCoverage());
   renderSelectTable();
-  const wanted = new Set(S.checked);
-  const gen = ++S.selGen;
+  S.selGen++;
   selectionNote('Saving selection…');
+  // One PUT at a time, so the server applies the choices in the order they
+  // were made; changes made meanwhile go in one PUT when it answers.
+  if (S.putInflight) {
+    S.putQueued = { reset: S.putQueued ? S.putQueued.reset || reset : reset };
+    return;
+  }
+  sendSelection(reset);
+}
+
+function sendSelection(reset) {
+  const wanted = new Set(S.checked);
+  const gen = S.selGen;
+  S.putInflight = true;
   S.putPending++;
+  const settle = () => {
+    S.putInflight = false;
+    S.putPending = Math.max(0, S.putPending - 1);
+    const queued = S.putQueued;
+    S.putQueued = null;
+    if (queued) sendSelection(queued.reset);
+    return !queued;
+  };
   api('/api/selection', { method: 'PUT', body: { pinned: [...S.pinned], excluded: [...S.excluded] } })
     .then((data) => {
-      S.putPending = Math.max(0, S.putPending - 1);
-      if (gen !== S.selGen || !data) return;
+      if (!settle() || gen !== S.selGen || !data) return;
       S.nodes = data;
       S.nodesAt = Date.now();
       S.nodesError = null;
@@ -667,8 +689,7 @@ function commitSelection(reset = false) {
       selectionNote(reset ? 'Back to the automatic selection.' : describeAnswer(wanted, data));
     })
     .catch((e) => {
-      S.putPending = Math.max(0, S.putPending - 1);
-      if (gen !== S.selGen) return;
+      if (!settle() || gen !== S.selGen) return;
       selectionNote(`Could not save the selection: ${e.message}`, true);
       S.selGen++;
       loadNodes();
