@@ -19,7 +19,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use sherpa_swarm::dashboard::{Dashboard, DashboardConfig, SwarmMode};
@@ -127,6 +127,34 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&data[line + 2..line + 2 + size]);
         data = &data[line + 2 + size + 2..];
     }
+}
+
+/// Posts a streamed chat for `max_tokens` tokens and reads until `events`
+/// data events have come: the open connection and what it read.
+async fn stream_until(addr: SocketAddr, max_tokens: usize, events: usize) -> (TcpStream, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let body = chat(true, max_tokens);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while raw.windows(6).filter(|w| w == b"data: ").count() < events {
+        let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "the stream ended early: {}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&buf[..n]);
+    }
+    (stream, raw)
 }
 
 fn post_json(value: &Value) -> Vec<u8> {
@@ -478,29 +506,8 @@ async fn a_client_that_disconnects_mid_stream_frees_the_servers_caches() {
         .map(|s| s.current_info().cache_tokens_free)
         .collect();
 
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let body = chat(true, 2000);
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body).await.unwrap();
     // Read until a few tokens have streamed, then hang up.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while seen.windows(6).filter(|w| w == b"data: ").count() < 6 {
-        let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            n > 0,
-            "the stream ended early: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let (stream, _) = stream_until(addr, 2000, 6).await;
     let busy: Vec<u32> = swarm
         .servers
         .iter()
@@ -513,27 +520,7 @@ async fn a_client_that_disconnects_mid_stream_frees_the_servers_caches() {
     );
     drop(stream);
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let sessions: Vec<u32> = swarm
-            .servers
-            .iter()
-            .map(|s| s.current_info().sessions)
-            .collect();
-        let free: Vec<u64> = swarm
-            .servers
-            .iter()
-            .map(|s| s.current_info().cache_tokens_free)
-            .collect();
-        if sessions == [0, 0, 0] && free == free_before {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "20 s after the client left: sessions {sessions:?}, free cache {free:?} (before: {free_before:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_servers_idle(&swarm.servers, Some(&free_before), Duration::from_secs(20));
     let metrics = request(addr, "GET", "/metrics", &[], None).await.text();
     assert!(
         metrics.contains("sherpa_completions_cancelled_total 1"),
@@ -740,25 +727,8 @@ async fn a_server_lost_mid_answer_is_replaced_and_the_stream_says_so() {
         .unwrap();
     let addr = dashboard.addr();
 
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let body = chat(true, TOKENS);
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body).await.unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
     // Until the route and a few tokens have come.
-    while raw.windows(6).filter(|w| w == b"data: ").count() < 4 {
-        let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "the stream ended early");
-        raw.extend_from_slice(&buf[..n]);
-    }
+    let (mut stream, mut raw) = stream_until(addr, TOKENS, 4).await;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let route_line = text
         .lines()

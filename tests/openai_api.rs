@@ -15,7 +15,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::ChildGuard;
 use sherpa_swarm::{LocalSwarm, ModelId};
@@ -121,22 +121,7 @@ fn openais_python_client_gets_sherpa_generates_text_and_a_closed_stream_frees_th
     // The client closed a long stream after a few chunks and is still
     // running: the servers must drop the session.
     assert_eq!(lines.next().unwrap().unwrap(), "closed");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let sessions: Vec<u32> = swarm
-            .servers
-            .iter()
-            .map(|s| s.current_info().sessions)
-            .collect();
-        if sessions.iter().all(|&n| n == 0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "20 s after the client closed its stream the servers still run {sessions:?} sessions"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_servers_idle(&swarm.servers, None, Duration::from_secs(20));
     let (status, metrics) = common::http("GET", &format!("{url}metrics"), None);
     assert_eq!(status, 200);
     assert!(

@@ -236,70 +236,96 @@ pub(super) async fn models(State(shared): State<Arc<Shared>>) -> Result<Json<Val
 /// Prometheus text format.
 pub(super) async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let m = &shared.metrics;
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
+    let active = shared.config.max_generations.max(1) - shared.generations.available_permits();
+    let ready = matches!(shared.slot(), Slot::Ready(_));
+    let series: [(&str, &str, &str, f64); 13] = [
+        (
+            "sherpa_http_requests_total",
+            "counter",
+            "HTTP requests received.",
+            load(&m.requests),
+        ),
+        (
+            "sherpa_http_rejected_total",
+            "counter",
+            "Requests refused before a handler (host, token, content type, CORS).",
+            load(&m.rejected),
+        ),
+        (
+            "sherpa_completions_total",
+            "counter",
+            "Completions finished.",
+            load(&m.completions),
+        ),
+        (
+            "sherpa_completion_errors_total",
+            "counter",
+            "Completions that failed.",
+            load(&m.completion_errors),
+        ),
+        (
+            "sherpa_completions_cancelled_total",
+            "counter",
+            "Completions stopped because their client went away.",
+            load(&m.cancelled),
+        ),
+        (
+            "sherpa_prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed.",
+            load(&m.prompt_tokens),
+        ),
+        (
+            "sherpa_completion_tokens_total",
+            "counter",
+            "Tokens generated.",
+            load(&m.completion_tokens),
+        ),
+        (
+            "sherpa_failovers_total",
+            "counter",
+            "Servers lost and replaced mid-generation.",
+            load(&m.failovers),
+        ),
+        (
+            "sherpa_time_to_first_token_seconds_count",
+            "counter",
+            "Completions with a first token.",
+            load(&m.ttft_count),
+        ),
+        (
+            "sherpa_time_to_first_token_seconds_sum",
+            "counter",
+            "Sum of times to first token.",
+            load(&m.ttft_us) / 1e6,
+        ),
+        (
+            "sherpa_active_generations",
+            "gauge",
+            "Generations running now.",
+            active as f64,
+        ),
+        (
+            "sherpa_ready",
+            "gauge",
+            "Whether the swarm client is ready.",
+            f64::from(u8::from(ready)),
+        ),
+        (
+            "sherpa_uptime_seconds",
+            "gauge",
+            "Seconds since the dashboard started.",
+            shared.started.elapsed().as_secs_f64(),
+        ),
+    ];
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, value: u64| {
+    for (name, kind, help, value) in series {
         let _ = writeln!(
             out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
-    };
-    counter(
-        "sherpa_http_requests_total",
-        "HTTP requests received.",
-        load(&m.requests),
-    );
-    counter(
-        "sherpa_http_rejected_total",
-        "Requests refused before a handler (host, token, content type, CORS).",
-        load(&m.rejected),
-    );
-    counter(
-        "sherpa_completions_total",
-        "Completions finished.",
-        load(&m.completions),
-    );
-    counter(
-        "sherpa_completion_errors_total",
-        "Completions that failed.",
-        load(&m.completion_errors),
-    );
-    counter(
-        "sherpa_completions_cancelled_total",
-        "Completions stopped because their client went away.",
-        load(&m.cancelled),
-    );
-    counter(
-        "sherpa_prompt_tokens_total",
-        "Prompt tokens processed.",
-        load(&m.prompt_tokens),
-    );
-    counter(
-        "sherpa_completion_tokens_total",
-        "Tokens generated.",
-        load(&m.completion_tokens),
-    );
-    counter(
-        "sherpa_failovers_total",
-        "Servers lost and replaced mid-generation.",
-        load(&m.failovers),
-    );
-    counter(
-        "sherpa_time_to_first_token_seconds_count",
-        "Completions with a first token.",
-        load(&m.ttft_count),
-    );
-    let _ = writeln!(
-        out,
-        "# HELP sherpa_time_to_first_token_seconds_sum Sum of times to first token.\n# TYPE sherpa_time_to_first_token_seconds_sum counter\nsherpa_time_to_first_token_seconds_sum {}",
-        load(&m.ttft_us) as f64 / 1e6
-    );
-    let active = shared.config.max_generations.max(1) - shared.generations.available_permits();
-    let ready = matches!(shared.slot(), Slot::Ready(_)) as u8;
-    let _ = writeln!(
-        out,
-        "# HELP sherpa_active_generations Generations running now.\n# TYPE sherpa_active_generations gauge\nsherpa_active_generations {active}\n# HELP sherpa_ready Whether the swarm client is ready.\n# TYPE sherpa_ready gauge\nsherpa_ready {ready}"
-    );
+    }
     (
         [(
             header::CONTENT_TYPE,

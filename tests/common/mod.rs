@@ -249,3 +249,29 @@ pub fn wait_healthy(base: &str, limit: std::time::Duration) {
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
+
+/// Waits up to `limit` for every server to run no session and, when
+/// `free` is given, to have that many free cache tokens again.
+#[allow(dead_code)]
+pub fn wait_servers_idle(
+    servers: &[sherpa_swarm::Server],
+    free: Option<&[u64]>,
+    limit: std::time::Duration,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let sessions: Vec<u32> = servers.iter().map(|s| s.current_info().sessions).collect();
+        let now: Vec<u64> = servers
+            .iter()
+            .map(|s| s.current_info().cache_tokens_free)
+            .collect();
+        if sessions.iter().all(|&n| n == 0) && free.is_none_or(|f| f == now.as_slice()) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after {limit:?} the servers still run {sessions:?} sessions, free cache {now:?} (expected {free:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
