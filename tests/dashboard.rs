@@ -227,6 +227,20 @@ fn config(model: &Path, swarm: &LocalSwarm, state: &Path) -> DashboardConfig {
         .with_state_file(state.to_owned())
 }
 
+/// A dashboard on `swarm` with a fresh state file, once its client is
+/// ready: the dashboard and its state file.
+async fn ready_dashboard(model: &Path, swarm: &LocalSwarm, name: &str) -> (Dashboard, PathBuf) {
+    let state = scratch(name).join("state.json");
+    let dashboard = Dashboard::start(config(model, swarm, &state))
+        .await
+        .unwrap();
+    dashboard
+        .wait_ready(Duration::from_secs(120))
+        .await
+        .unwrap();
+    (dashboard, state)
+}
+
 fn chat(stream: bool, max_tokens: usize) -> Vec<u8> {
     post_json(&json!({
         "model": "smollm2-135m",
@@ -491,14 +505,7 @@ async fn chat_completions_stream_the_local_models_greedy_text_and_bad_requests_g
 async fn a_client_that_disconnects_mid_stream_frees_the_servers_caches() {
     let model = common::smollm2();
     let swarm = swarm(&model).await;
-    let dir = scratch("cancel");
-    let dashboard = Dashboard::start(config(&model, &swarm, &dir.join("state.json")))
-        .await
-        .unwrap();
-    dashboard
-        .wait_ready(Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (dashboard, _) = ready_dashboard(&model, &swarm, "cancel").await;
     let addr = dashboard.addr();
     let free_before: Vec<u64> = swarm
         .servers
@@ -545,15 +552,7 @@ async fn a_client_that_disconnects_mid_stream_frees_the_servers_caches() {
 async fn the_node_selector_follows_the_choice_and_keeps_it_across_restarts() {
     let model = common::smollm2();
     let swarm = swarm(&model).await;
-    let dir = scratch("nodes");
-    let state = dir.join("state.json");
-    let dashboard = Dashboard::start(config(&model, &swarm, &state))
-        .await
-        .unwrap();
-    dashboard
-        .wait_ready(Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (dashboard, state) = ready_dashboard(&model, &swarm, "nodes").await;
     let addr = dashboard.addr();
 
     let nodes = request(addr, "GET", "/api/nodes", &[], None).await;
@@ -717,14 +716,7 @@ async fn a_server_lost_mid_answer_is_replaced_and_the_stream_says_so() {
     )
     .await
     .unwrap();
-    let dir = scratch("failover");
-    let dashboard = Dashboard::start(config(&model, &swarm, &dir.join("state.json")))
-        .await
-        .unwrap();
-    dashboard
-        .wait_ready(Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (dashboard, _) = ready_dashboard(&model, &swarm, "failover").await;
     let addr = dashboard.addr();
 
     // Until the route and a few tokens have come.
