@@ -413,6 +413,41 @@ fn a_person_chooses_wan_checks_nodes_and_chats_in_the_browser() {
             .contains("all 30 blocks")
             .then_some(())
     });
+    // Pinning a server the swarm did not choose checks it, and the
+    // dashboard keeps the pin.
+    let spare = browser.wait("a server left unchecked", || {
+        use_boxes(&browser)
+            .into_iter()
+            .find(|(_, e)| !browser.checked(e))
+    });
+    let spare_name = spare.0.trim_start_matches("Use ").to_owned();
+    let pin = browser.find(&format!("//button[@aria-label='Pin {spare_name}']"));
+    browser.click(&pin);
+    browser.wait("the pinned server to be checked and kept", || {
+        let pressed = browser.call(
+            "GET",
+            &format!("element/{pin}/attribute/aria-pressed"),
+            None,
+        );
+        let kept = api("api/nodes")["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| {
+                s["name"] == spare_name.as_str() && s["pinned"] == true && s["selected"] == true
+            });
+        (pressed == json!("true") && browser.checked(&spare.1) && kept).then_some(())
+    });
+    browser.shot("05-pinned");
+    browser.click(&browser.find("//button[normalize-space()='Reset to automatic']"));
+    browser.wait("no pins", || {
+        api("api/nodes")["pinned"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
+
     // Escape closes the selector, and focus goes back where it was.
     browser.press("\u{E00C}");
     browser.wait("the selector to close", || {
@@ -434,13 +469,17 @@ fn a_person_chooses_wan_checks_nodes_and_chats_in_the_browser() {
     browser.type_text(&max_tokens, TOKENS);
     let prompt = browser.find("//textarea[@id=//label[normalize-space()='Prompt']/@for]");
     browser.type_text(&prompt, PROMPT);
+    // Where the controls are: streaming must not move them.
+    let layout = "return ['prompt', 'send', 'pipeline', 'metrics'].map((id) => \
+                  Math.round(document.getElementById(id).getBoundingClientRect().top + window.scrollY))";
+    let before = browser.script(layout);
     browser.click(&browser.find("//button[normalize-space()='Send']"));
     // A screenshot while it streams, if it is still streaming.
     if !browser
         .all("//article[@aria-label='Assistant'][@data-streaming='true']")
         .is_empty()
     {
-        browser.shot("05-streaming");
+        browser.shot("06-streaming");
     }
     browser.wait("the answer to finish", || {
         browser
@@ -448,6 +487,11 @@ fn a_person_chooses_wan_checks_nodes_and_chats_in_the_browser() {
             .first()
             .cloned()
     });
+    assert_eq!(
+        browser.script(layout),
+        before,
+        "the prompt, buttons, pipeline or metrics line moved while the answer streamed"
+    );
     let answer = browser.script("return document.getElementById('last-answer').textContent");
     assert_eq!(
         answer.as_str().unwrap().trim(),
@@ -461,7 +505,7 @@ fn a_person_chooses_wan_checks_nodes_and_chats_in_the_browser() {
         pipeline.contains("0–10") || pipeline.contains("0..10"),
         "pipeline: {pipeline:?}"
     );
-    browser.shot("06-answer");
+    browser.shot("07-answer");
 
     // Retry asks again: greedy, so the same answer.
     browser.click(&browser.find("//button[normalize-space()='Retry']"));
@@ -505,7 +549,7 @@ fn a_person_chooses_wan_checks_nodes_and_chats_in_the_browser() {
         metrics.contains("sherpa_completions_cancelled_total 1"),
         "{metrics}"
     );
-    browser.shot("07-stopped");
+    browser.shot("08-stopped");
 
     drop(browser);
 
@@ -518,7 +562,7 @@ fn a_person_chooses_wan_checks_nodes_and_chats_in_the_browser() {
         overflow.as_i64().unwrap() <= 0,
         "the page is {overflow} px wider than a phone"
     );
-    phone.shot("08-phone");
+    phone.shot("09-phone");
     drop(phone);
     runtime.block_on(dashboard.shutdown());
     runtime.block_on(swarm.shutdown());

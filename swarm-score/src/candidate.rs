@@ -67,7 +67,10 @@ impl Candidate {
             None => format!("{}GB RAM", gib(self.hardware.ram_free)),
         };
         let ping = match self.rtt {
-            Some(rtt) => format!("{}ms Ping", rtt.as_millis()),
+            // Whole milliseconds, as people say them; below 10 ms (a LAN,
+            // one machine) a tenth, so 0.4 ms does not read as "0ms".
+            Some(rtt) if rtt.as_millis() >= 10 => format!("{}ms Ping", rtt.as_millis()),
+            Some(rtt) => format!("{:.1}ms Ping", rtt.as_secs_f64() * 1000.0),
             None => "ping unknown".to_owned(),
         };
         format!("{} - {memory} - {ping}", self.name)

@@ -90,6 +90,11 @@ fn low_ping_and_high_bandwidth_win_at_equal_hardware() {
         assert!((0.0..=1.0).contains(&c), "{components:?}");
     }
     assert_eq!(near.summary(), "node1 - 8GB RAM - 20ms Ping");
+    let lan = Candidate {
+        rtt: Some(std::time::Duration::from_micros(430)),
+        ..near.clone()
+    };
+    assert_eq!(lan.summary(), "node1 - 8GB RAM - 0.4ms Ping");
 }
 
 #[test]
