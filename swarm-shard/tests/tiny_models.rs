@@ -306,6 +306,11 @@ fn wrong_architecture_and_missing_tensors_are_named() {
             ("llama.embedding_length", gguf_file::Value::U32(64)),
             ("llama.feed_forward_length", gguf_file::Value::U32(128)),
             ("llama.attention.head_count", gguf_file::Value::U32(4)),
+            (
+                "llama.attention.layer_norm_rms_epsilon",
+                gguf_file::Value::F32(1e-5),
+            ),
+            ("llama.context_length", gguf_file::Value::U32(128)),
             ("llama.vocab_size", gguf_file::Value::U32(32)),
         ];
         let md: Vec<_> = md.iter().map(|(k, v)| (*k, v)).collect();
