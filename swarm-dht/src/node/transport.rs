@@ -2,6 +2,7 @@
 //! when there is one) or QUIC, Noise, yamux; and the tracker's relay limits.
 
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use futures::future::Either;
@@ -65,14 +66,32 @@ pub(super) fn transport(
 /// Limits of a tracker's relay: enough circuits for a swarm's NATed
 /// servers while their peers try to hole-punch, each long and large enough
 /// to carry inference traffic when the punch fails.
+///
+/// libp2p's default rates (a new circuit per source address once a minute
+/// after a burst of 60) are for public relays of strangers; a tracker
+/// serves a lab or a home where many clients and servers share one
+/// address, and every `sherpa nodes` connects to each relayed server, so
+/// its buckets refill every second. The totals above still cap the load.
 pub(super) fn relay_config() -> relay::Config {
+    const fn at_least_one(n: u32) -> NonZeroU32 {
+        match NonZeroU32::new(n) {
+            Some(n) => n,
+            None => NonZeroU32::MIN,
+        }
+    }
     relay::Config {
         max_reservations: 1024,
         max_reservations_per_peer: 4,
+        reservation_duration: Duration::from_secs(60 * 60),
         max_circuits: 256,
         max_circuits_per_peer: 16,
         max_circuit_duration: Duration::from_secs(60 * 60),
         max_circuit_bytes: 1 << 30,
-        ..relay::Config::default()
+        reservation_rate_limiters: Vec::new(),
+        circuit_src_rate_limiters: Vec::new(),
     }
+    .reservation_rate_per_peer(at_least_one(30), Duration::from_secs(10))
+    .reservation_rate_per_ip(at_least_one(256), Duration::from_secs(1))
+    .circuit_src_per_peer(at_least_one(60), Duration::from_secs(1))
+    .circuit_src_per_ip(at_least_one(600), Duration::from_millis(100))
 }
