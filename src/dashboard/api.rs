@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::http::{json_body, ApiError};
 use super::state::{lock, NotReady, Shared, Slot, SwarmMode};
-use crate::{Client, NodeChoice};
+use crate::Client;
 
 /// The client, or the error that says why there is none.
 pub(super) fn ready(shared: &Shared) -> Result<Arc<Client>, ApiError> {
@@ -177,11 +177,7 @@ pub(super) async fn set_selection(
     let mut settings = lock(&shared.settings).clone();
     settings.pinned = request.pinned;
     settings.excluded = request.excluded;
-    client.set_node_choice(
-        NodeChoice::default()
-            .with_pinned(settings.pinned.clone())
-            .with_excluded(settings.excluded.clone()),
-    );
+    client.set_node_choice(settings.choice());
     shared.save(settings);
     report(&client, false).await
 }

@@ -55,6 +55,24 @@ crate::core::with_setters!(NodeChoice {
     excluded: Vec<String> => with_excluded,
 });
 
+impl NodeChoice {
+    /// The pinned and excluded servers among `survey`'s. With `strict`, a
+    /// name that matches no listed server is an error (a user's typo);
+    /// otherwise it is passed over (a saved choice naming a server that
+    /// has left).
+    pub fn overrides(&self, survey: &Survey, strict: bool) -> Result<Overrides, SherpaError> {
+        Ok(if strict {
+            Overrides::default()
+                .with_pinned(survey.ids_named(&self.pinned)?)
+                .with_excluded(survey.ids_named(&self.excluded)?)
+        } else {
+            Overrides::default()
+                .with_pinned(survey.ids_listed(&self.pinned))
+                .with_excluded(survey.ids_listed(&self.excluded))
+        })
+    }
+}
+
 /// Something a [`Client`] reports while it works, for a user to see.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -452,15 +470,7 @@ impl Client {
     /// The user's pins and exclusions among `survey`'s servers.
     fn overrides(&self, survey: &Survey) -> Result<Overrides, SherpaError> {
         let (choice, strict) = self.node_choice_and_strictness();
-        Ok(if strict {
-            Overrides::default()
-                .with_pinned(survey.ids_named(&choice.pinned)?)
-                .with_excluded(survey.ids_named(&choice.excluded)?)
-        } else {
-            Overrides::default()
-                .with_pinned(survey.ids_listed(&choice.pinned))
-                .with_excluded(survey.ids_listed(&choice.excluded))
-        })
+        choice.overrides(survey, strict)
     }
 
     /// Forgets the last survey, so the next generation looks again.

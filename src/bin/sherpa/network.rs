@@ -11,9 +11,9 @@ use sherpa_swarm::dht::{
     self, Multiaddr, Node, NodeConfig, NodeIdentity, RelayMode, Survey, SurveyOptions, SwarmKey,
 };
 use sherpa_swarm::model_store::{self, sherpa_home};
-use sherpa_swarm::score::{Overrides, SelectionPolicy};
+use sherpa_swarm::score::SelectionPolicy;
 use sherpa_swarm::shard::{ChatMessage, GenerateOptions, ShardError, TextTokenizer};
-use sherpa_swarm::{Client, LocalSwarm, Server, SherpaError, Tracker};
+use sherpa_swarm::{Client, LocalSwarm, NodeChoice, Server, SherpaError, Tracker};
 
 use crate::{GenerateArgs, NodesArgs, RelayArg, ServeArgs};
 use sherpa_swarm::nodes::ModelReport;
@@ -339,16 +339,10 @@ fn model_report(
     selection_args: &crate::SelectionArgs,
     strict: bool,
 ) -> Result<ModelReport, SherpaError> {
-    let named = |names: &[String]| -> Result<_, SherpaError> {
-        Ok(if strict {
-            survey.ids_named(names)?
-        } else {
-            survey.ids_listed(names)
-        })
-    };
-    let overrides = Overrides::default()
-        .with_pinned(named(&selection_args.pin)?)
-        .with_excluded(named(&selection_args.exclude)?);
+    let overrides = NodeChoice::default()
+        .with_pinned(selection_args.pin.clone())
+        .with_excluded(selection_args.exclude.clone())
+        .overrides(&survey, strict)?;
     let policy = SelectionPolicy::default().with_max_nodes(selection_args.max_nodes);
     ModelReport::new(model, survey, &policy, overrides)
 }
