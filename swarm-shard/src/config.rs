@@ -1,4 +1,6 @@
-//! The hyper-parameters of a Llama-architecture model.
+//! The hyper-parameters of a model: which family it belongs to and the
+//! numbers that decide its math, read from GGUF metadata or an HF
+//! `config.json`.
 
 use std::path::Path;
 
@@ -10,21 +12,127 @@ use crate::error::{Result, ShardError};
 /// How rotary embeddings pair up the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RopeLayout {
-    /// Pairs `(2i, 2i+1)`. GGUF files store Llama's Q/K rows permuted for this
-    /// layout (llama.cpp's converter does it), so GGUF weights use it.
+    /// Pairs `(2i, 2i+1)`. llama.cpp's converter stores the Q/K rows of
+    /// `llama`-architecture GGUF files (Llama, Mistral, Mixtral) permuted
+    /// for this layout, so those files use it.
     Interleaved,
-    /// Pairs `(i, i + d/2)`, the "rotate half" of HF transformers; safetensors
-    /// checkpoints use it.
+    /// Pairs `(i, i + d/2)`, the "rotate half" of HF transformers
+    /// (llama.cpp's NEOX mode): every safetensors checkpoint, and GGUF files
+    /// of the other families.
     Halves,
 }
 
-/// Hyper-parameters of a Llama-architecture model, read from GGUF metadata or
-/// an HF `config.json`.
+/// The model families the engine computes. All are decoder-only
+/// transformers with RMS norms, rotary positions and gated MLPs; they differ
+/// in the details each field of [`ModelConfig`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Family {
+    /// Llama 1-3 and compatible (SmolLM, TinyLlama, ...).
+    Llama,
+    /// Mistral: Llama with a sliding attention window.
+    Mistral,
+    /// Qwen2 and Qwen2.5: biases on the query, key and value projections.
+    Qwen2,
+    /// Qwen3: an RMS norm on each query and key head.
+    Qwen3,
+    /// Phi-3: fused QKV and gate/up projections.
+    Phi3,
+    /// Gemma 2: norms after attention and MLP too, GELU, soft-capped
+    /// logits, scaled embeddings, alternating sliding windows.
+    Gemma2,
+    /// Mixtral: a mixture of experts in place of each MLP.
+    Mixtral,
+}
+
+impl Family {
+    /// The family's name as HF's `model_type` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Phi3 => "phi3",
+            Self::Gemma2 => "gemma2",
+            Self::Mixtral => "mixtral",
+        }
+    }
+
+    /// Every family, for messages and tests.
+    pub const ALL: [Family; 7] = [
+        Self::Llama,
+        Self::Mistral,
+        Self::Qwen2,
+        Self::Qwen3,
+        Self::Phi3,
+        Self::Gemma2,
+        Self::Mixtral,
+    ];
+
+    fn from_hf(model_type: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == model_type)
+    }
+
+    fn from_hf_architecture(architecture: &str) -> Option<Self> {
+        let family = match architecture {
+            "LlamaForCausalLM" => Self::Llama,
+            "MistralForCausalLM" => Self::Mistral,
+            "Qwen2ForCausalLM" => Self::Qwen2,
+            "Qwen3ForCausalLM" => Self::Qwen3,
+            "Phi3ForCausalLM" => Self::Phi3,
+            "Gemma2ForCausalLM" => Self::Gemma2,
+            "MixtralForCausalLM" => Self::Mixtral,
+            _ => return None,
+        };
+        Some(family)
+    }
+
+    /// Whether each block holds fused QKV and gate/up matrices.
+    pub fn fused_projections(self) -> bool {
+        self == Self::Phi3
+    }
+
+    /// Whether blocks have norms after attention and after the MLP too.
+    pub fn sandwich_norms(self) -> bool {
+        self == Self::Gemma2
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    /// `x * sigmoid(x)` (SwiGLU).
+    Silu,
+    /// GELU with the tanh approximation (GeGLU; Gemma's
+    /// `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// A mixture of experts in place of the MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Experts {
+    /// Experts in each block.
+    pub count: usize,
+    /// Experts each token is routed to.
+    pub per_token: usize,
+}
+
+/// Hyper-parameters of a model, read from GGUF metadata or an HF
+/// `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LlamaConfig {
+pub struct ModelConfig {
+    /// The model family.
+    pub family: Family,
     /// Width of the residual stream.
     pub hidden_size: usize,
-    /// Width of the MLP's inner layer.
+    /// Width of the MLP's inner layer (of each expert's, in a mixture).
     pub intermediate_size: usize,
     /// Number of transformer blocks.
     pub num_hidden_layers: usize,
@@ -37,6 +145,9 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     /// Epsilon of the RMS norms.
     pub rms_norm_eps: f64,
+    /// Added to every RMS norm weight at load: HF Gemma stores `w` and
+    /// multiplies by `1 + w`; llama.cpp's converter stores `w + 1`.
+    pub norm_weight_offset: f64,
     /// Base of the rotary embedding frequencies.
     pub rope_theta: f64,
     /// Longest context the model was trained for.
@@ -47,16 +158,46 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     /// How rotary embeddings pair dimensions for these weights.
     pub rope_layout: RopeLayout,
+    /// Whether the query, key and value projections have biases.
+    pub qkv_bias: bool,
+    /// Whether each query and key head goes through its own RMS norm
+    /// before the rotary embedding.
+    pub qk_norm: bool,
+    /// Keys a query may see in a windowed block: those less than this many
+    /// positions back, itself included.
+    pub sliding_window: Option<usize>,
+    /// For each block, whether it attends through `sliding_window` (the
+    /// others see the whole context).
+    pub sliding_layers: Vec<bool>,
+    /// The MLP's activation.
+    pub activation: Activation,
+    /// Factor on query-key dot products (1/sqrt(head_dim) unless the
+    /// family says otherwise).
+    pub attention_scale: f64,
+    /// Attention scores become `cap * tanh(score / cap)`.
+    pub attn_logit_softcap: Option<f64>,
+    /// Final logits become `cap * tanh(logit / cap)`.
+    pub final_logit_softcap: Option<f64>,
+    /// Embeddings are multiplied by this (Gemma: sqrt(hidden_size)).
+    pub embedding_scale: Option<f64>,
+    /// A mixture of experts in place of each MLP.
+    pub experts: Option<Experts>,
     /// Beginning-of-sequence token, if the model has one.
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens; generation stops at any of them.
     pub eos_token_ids: Vec<u32>,
 }
 
-impl LlamaConfig {
+impl ModelConfig {
     /// Query heads that share one key/value head.
     pub fn gqa_group(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// The sliding window block `index` attends through, if any.
+    pub fn window_of(&self, index: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| self.sliding_layers.get(index).copied().unwrap_or(false))
     }
 
     /// Bytes of KV cache one token needs in one block, at `dtype_size` bytes
@@ -113,11 +254,41 @@ impl LlamaConfig {
         {
             return Err(bad("num_hidden_layers/vocab_size", "too large".into()));
         }
+        if self.sliding_window == Some(0) {
+            return Err(bad("sliding_window", "must be positive".into()));
+        }
+        if self.sliding_layers.len() != self.num_hidden_layers {
+            return Err(bad(
+                "layer_types",
+                format!(
+                    "names {} blocks but the model has {}",
+                    self.sliding_layers.len(),
+                    self.num_hidden_layers
+                ),
+            ));
+        }
+        for (field, cap) in [
+            ("attn_logit_softcapping", self.attn_logit_softcap),
+            ("final_logit_softcapping", self.final_logit_softcap),
+        ] {
+            if cap.is_some_and(|c| c.is_nan() || c <= 0.0) {
+                return Err(bad(field, "must be positive".into()));
+            }
+        }
+        if let Some(e) = self.experts {
+            if e.count == 0 || e.per_token == 0 || e.per_token > e.count {
+                return Err(bad(
+                    "num_experts_per_tok",
+                    format!("{} of {} experts per token", e.per_token, e.count),
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// Reads the config from a GGUF file's metadata (`general.architecture`
-    /// must be `llama`).
+    /// Reads the config from a GGUF file's metadata. The architectures are
+    /// those of llama.cpp's converter: `llama` (Llama, Mistral, and Mixtral
+    /// when it has experts), `qwen2`, `qwen3`, `phi3` and `gemma2`.
     pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
         let md = &content.metadata;
         let bad = |field: &str, reason: String| ShardError::BadConfig {
@@ -132,14 +303,9 @@ impl LlamaConfig {
                 .clone(),
             None => return Err(bad("general.architecture", "missing".into())),
         };
-        if arch != "llama" {
-            return Err(ShardError::UnsupportedArchitecture {
-                path: path.to_owned(),
-                architecture: arch,
-            });
-        }
-        let get_u32 = |key: &str| -> Result<Option<usize>> {
-            let full = format!("llama.{key}");
+        let key = |k: &str| format!("{arch}.{k}");
+        let get_u32 = |k: &str| -> Result<Option<usize>> {
+            let full = key(k);
             match md.get(&full) {
                 None => Ok(None),
                 Some(v) => v
@@ -149,8 +315,8 @@ impl LlamaConfig {
                     .map_err(|e| bad(&full, e.to_string())),
             }
         };
-        let get_f32 = |key: &str| -> Result<Option<f64>> {
-            let full = format!("llama.{key}");
+        let get_f32 = |k: &str| -> Result<Option<f64>> {
+            let full = key(k);
             match md.get(&full) {
                 None => Ok(None),
                 Some(v) => v
@@ -159,34 +325,70 @@ impl LlamaConfig {
                     .map_err(|e| bad(&full, e.to_string())),
             }
         };
-        let required = |key: &str| -> Result<usize> {
-            get_u32(key)?.ok_or_else(|| bad(&format!("llama.{key}"), "missing".into()))
+        let required = |k: &str| -> Result<usize> {
+            get_u32(k)?.ok_or_else(|| bad(&key(k), "missing".into()))
+        };
+        let experts = match (get_u32("expert_count")?, get_u32("expert_used_count")?) {
+            (None | Some(0), _) => None,
+            (Some(count), per_token) => Some(Experts {
+                count,
+                per_token: per_token
+                    .ok_or_else(|| bad(&key("expert_used_count"), "missing".into()))?,
+            }),
+        };
+        let family = match (arch.as_str(), experts) {
+            ("llama", None) => Family::Llama,
+            ("llama", Some(_)) => Family::Mixtral,
+            ("qwen2", None) => Family::Qwen2,
+            ("qwen3", None) => Family::Qwen3,
+            ("phi3", None) => Family::Phi3,
+            ("gemma2", None) => Family::Gemma2,
+            _ => {
+                return Err(ShardError::UnsupportedArchitecture {
+                    path: path.to_owned(),
+                    architecture: if experts.is_some() {
+                        format!("{arch} with experts")
+                    } else {
+                        arch
+                    },
+                })
+            }
         };
         let hidden_size = required("embedding_length")?;
         let num_attention_heads = required("attention.head_count")?;
+        if num_attention_heads == 0 {
+            return Err(bad(&key("attention.head_count"), "must be positive".into()));
+        }
         let num_key_value_heads =
             get_u32("attention.head_count_kv")?.unwrap_or(num_attention_heads);
-        if num_attention_heads == 0 {
-            return Err(bad("llama.attention.head_count", "must be positive".into()));
+        // llama.cpp: the key length defaults to n_embd / n_head.
+        let head_dim =
+            get_u32("attention.key_length")?.unwrap_or(hidden_size / num_attention_heads);
+        if let Some(value_dim) = get_u32("attention.value_length")? {
+            if value_dim != head_dim {
+                return Err(bad(
+                    &key("attention.value_length"),
+                    format!("value heads of {value_dim} dims with key heads of {head_dim} are not implemented"),
+                ));
+            }
         }
-        let head_dim = hidden_size / num_attention_heads;
         if let Some(rope_dim) = get_u32("rope.dimension_count")? {
             if rope_dim != head_dim {
                 return Err(bad(
-                    "llama.rope.dimension_count",
-                    format!("partial rotary ({rope_dim} of {head_dim} dims) is not supported"),
+                    &key("rope.dimension_count"),
+                    format!("partial rotary ({rope_dim} of {head_dim} dims) is not implemented"),
                 ));
             }
         }
         // RoPE scaling (linear, yarn, ...) is not implemented: refuse it
         // rather than run with the wrong positions.
-        if let Some(kind) = md.get("llama.rope.scaling.type") {
+        if let Some(kind) = md.get(&key("rope.scaling.type")) {
             let kind = kind
                 .to_string()
-                .map_err(|e| bad("llama.rope.scaling.type", e.to_string()))?;
+                .map_err(|e| bad(&key("rope.scaling.type"), e.to_string()))?;
             if kind != "none" {
                 return Err(bad(
-                    "llama.rope.scaling.type",
+                    &key("rope.scaling.type"),
                     format!("RoPE scaling {kind:?} is not implemented (only unscaled RoPE)"),
                 ));
             }
@@ -194,12 +396,12 @@ impl LlamaConfig {
         if let Some(factor) = get_f32("rope.scale_linear")? {
             if factor != 1.0 {
                 return Err(bad(
-                    "llama.rope.scale_linear",
+                    &key("rope.scale_linear"),
                     format!("linear RoPE scaling ({factor}) is not implemented"),
                 ));
             }
         }
-        let token_count = match content.metadata.get("tokenizer.ggml.tokens") {
+        let token_count = match md.get("tokenizer.ggml.tokens") {
             Some(v) => v.to_vec().map(|v| v.len()).ok(),
             None => None,
         };
@@ -209,43 +411,99 @@ impl LlamaConfig {
                 .tensor_infos
                 .get("token_embd.weight")
                 .and_then(|t| t.shape.dims().first().copied())
-                .ok_or_else(|| bad("llama.vocab_size", "missing".into()))?,
+                .ok_or_else(|| bad(&key("vocab_size"), "missing".into()))?,
         };
-        let token_id = |key: &str| -> Option<u32> {
-            md.get(&format!("tokenizer.ggml.{key}"))
+        let token_id = |k: &str| -> Option<u32> {
+            md.get(&format!("tokenizer.ggml.{k}"))
                 .and_then(|v| v.to_u32().ok())
         };
+        let num_hidden_layers = required("block_count")?;
+        let sliding_window = get_u32("attention.sliding_window")?.filter(|&w| w > 0);
+        // llama.cpp's Gemma 2 alternates windowed and global blocks, the
+        // even ones windowed (its swa pattern of 2), as transformers does.
+        let sliding_layers = (0..num_hidden_layers)
+            .map(|i| sliding_window.is_some() && (family != Family::Gemma2 || i % 2 == 0))
+            .collect();
+        let gemma = family == Family::Gemma2;
         let config = Self {
+            family,
             hidden_size,
             intermediate_size: required("feed_forward_length")?,
-            num_hidden_layers: required("block_count")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            // llama.cpp requires the epsilon and the context length of a
-            // llama model; so does this engine.
+            // llama.cpp requires the epsilon and the context length; so
+            // does this engine.
             rms_norm_eps: get_f32("attention.layer_norm_rms_epsilon")?
-                .ok_or_else(|| bad("llama.attention.layer_norm_rms_epsilon", "missing".into()))?,
+                .ok_or_else(|| bad(&key("attention.layer_norm_rms_epsilon"), "missing".into()))?,
+            // The converter already stored Gemma's norms as w + 1.
+            norm_weight_offset: 0.0,
             // llama.cpp's default base when a file gives none.
             rope_theta: get_f32("rope.freq_base")?.unwrap_or(10_000.0),
             max_position_embeddings: required("context_length")?,
             vocab_size,
-            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
-            rope_layout: RopeLayout::Interleaved,
+            // A split piece says; a whole file ties when it has no LM head.
+            tie_word_embeddings: match md.get(crate::split::keys::TIED) {
+                Some(v) => v
+                    .to_bool()
+                    .map_err(|e| bad(crate::split::keys::TIED, e.to_string()))?,
+                None => !content.tensor_infos.contains_key("output.weight"),
+            },
+            rope_layout: if arch == "llama" {
+                RopeLayout::Interleaved
+            } else {
+                RopeLayout::Halves
+            },
+            qkv_bias: family == Family::Qwen2,
+            qk_norm: family == Family::Qwen3,
+            sliding_window,
+            sliding_layers,
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            // llama.cpp scales Gemma 2's queries by 1/sqrt(n_embd / n_head)
+            // for the 27B model (46 blocks) and by 1/sqrt(head_dim) for the
+            // others: GGUF does not carry query_pre_attn_scalar.
+            attention_scale: if gemma && num_hidden_layers == 46 {
+                1.0 / ((hidden_size / num_attention_heads) as f64).sqrt()
+            } else {
+                1.0 / (head_dim as f64).sqrt()
+            },
+            attn_logit_softcap: get_f32("attn_logit_softcapping")?.filter(|_| gemma),
+            final_logit_softcap: get_f32("final_logit_softcapping")?.filter(|_| gemma),
+            embedding_scale: gemma.then(|| (hidden_size as f64).sqrt()),
+            experts,
             bos_token_id: token_id("bos_token_id"),
             eos_token_ids: token_id("eos_token_id").into_iter().collect(),
         };
+        if gemma {
+            // transformers' Gemma2Config defaults both caps and llama.cpp's
+            // converter writes them: a file without them was not made that
+            // way, and guessing would change the math.
+            for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
+                if get_f32(k)?.is_none() {
+                    return Err(bad(&key(k), "missing".into()));
+                }
+            }
+            // Every Gemma 2 has a window; llama.cpp requires the key.
+            if sliding_window.is_none() {
+                return Err(bad(&key("attention.sliding_window"), "missing".into()));
+            }
+        }
         config.validate(path)?;
         config.log(path, "GGUF");
         Ok(config)
     }
 
-    /// Reads an HF `config.json` (LlamaForCausalLM and compatible), in the
-    /// layout of transformers 4 (`rope_theta`, `rope_scaling`) or 5
-    /// (`rope_parameters`). A field that changes the math must be present
-    /// (or have a default that transformers' `LlamaConfig` documents,
-    /// noted below) and have a value this engine implements; otherwise
-    /// loading fails naming the field and the file.
+    /// Reads an HF `config.json`, in the layout of transformers 4
+    /// (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`). A field that
+    /// changes the math must be present (or have a default that the
+    /// family's transformers config class defines, noted below) and have a
+    /// value this engine implements; otherwise loading fails naming the
+    /// field and the file.
     pub fn from_hf_json(json: &str, path: &Path) -> Result<Self> {
         let value: serde_json::Value =
             serde_json::from_str(json).map_err(|e| ShardError::BadModelFile {
@@ -258,47 +516,99 @@ impl LlamaConfig {
             _ => Vec::new(),
         };
         let model_type = hf.string("model_type")?;
-        let is_llama =
-            model_type.as_deref() == Some("llama") || architectures.contains(&"LlamaForCausalLM");
-        if !is_llama {
-            return Err(ShardError::UnsupportedArchitecture {
+        let family = model_type
+            .as_deref()
+            .and_then(Family::from_hf)
+            .or_else(|| {
+                architectures
+                    .iter()
+                    .find_map(|a| Family::from_hf_architecture(a))
+            })
+            .ok_or_else(|| ShardError::UnsupportedArchitecture {
                 path: path.to_owned(),
-                architecture: architectures
-                    .first()
-                    .map(|a| a.to_string())
-                    .or(model_type)
+                architecture: model_type
+                    .clone()
+                    .or_else(|| architectures.first().map(|a| a.to_string()))
                     .unwrap_or_default(),
-            });
-        }
+            })?;
         hf.check_rope_type()?;
         let rope_theta = hf.rope_theta()?;
-        hf.check_unimplemented()?;
+        hf.check_unimplemented(family)?;
         let hidden_size = hf.required_usize("hidden_size")?;
         let num_attention_heads = hf.required_usize("num_attention_heads")?;
+        let num_hidden_layers = hf.required_usize("num_hidden_layers")?;
+        // Every family's config: head_dim defaults to hidden_size //
+        // num_attention_heads (Gemma 2's and Qwen3's classes default to a
+        // fixed number, but save it).
+        let head_dim = match family {
+            Family::Gemma2 | Family::Qwen3 => hf.required_usize("head_dim")?,
+            _ => hf
+                .usize("head_dim")?
+                .unwrap_or(hidden_size / num_attention_heads.max(1)),
+        };
+        let (sliding_window, sliding_layers) = hf.sliding(family, num_hidden_layers)?;
+        let gemma = family == Family::Gemma2;
+        let experts = if family == Family::Mixtral {
+            // MixtralConfig's defaults: 8 experts, 2 per token.
+            Some(Experts {
+                count: hf.usize("num_local_experts")?.unwrap_or(8),
+                per_token: hf.usize("num_experts_per_tok")?.unwrap_or(2),
+            })
+        } else {
+            None
+        };
         let config = Self {
+            family,
             hidden_size,
             intermediate_size: hf.required_usize("intermediate_size")?,
-            num_hidden_layers: hf.required_usize("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
-            // LlamaConfig: "If it is not specified, will default to
-            // `num_attention_heads`".
+            // Every family's config: "If it is not specified, will default
+            // to `num_attention_heads`".
             num_key_value_heads: hf
                 .usize("num_key_value_heads")?
                 .unwrap_or(num_attention_heads),
-            // LlamaConfig: head_dim defaults to hidden_size // num_attention_heads.
-            head_dim: hf
-                .usize("head_dim")?
-                .unwrap_or(hidden_size / num_attention_heads.max(1)),
+            head_dim,
             rms_norm_eps: hf
                 .f64("rms_norm_eps")?
                 .ok_or_else(|| hf.bad("rms_norm_eps", "missing"))?,
+            // Gemma's RMSNorm multiplies by (1 + weight).
+            norm_weight_offset: if gemma { 1.0 } else { 0.0 },
             rope_theta,
-            // LlamaConfig's default; it limits the context, not the math.
+            // The config classes' default; it limits the context, not the math.
             max_position_embeddings: hf.usize("max_position_embeddings")?.unwrap_or(2048),
             vocab_size: hf.required_usize("vocab_size")?,
-            // LlamaConfig's default.
-            tie_word_embeddings: hf.bool("tie_word_embeddings")?.unwrap_or(false),
+            // The config classes' default (Gemma 2's is true).
+            tie_word_embeddings: hf.bool("tie_word_embeddings")?.unwrap_or(gemma),
             rope_layout: RopeLayout::Halves,
+            // Qwen2's attention always has them.
+            qkv_bias: family == Family::Qwen2,
+            qk_norm: family == Family::Qwen3,
+            sliding_window,
+            sliding_layers,
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            attention_scale: if gemma {
+                1.0 / hf.required_f64("query_pre_attn_scalar")?.sqrt()
+            } else {
+                1.0 / (head_dim as f64).sqrt()
+            },
+            // Gemma2Config's defaults: 50 and 30; null turns them off.
+            attn_logit_softcap: if gemma {
+                hf.f64_or_default("attn_logit_softcapping", 50.0)?
+            } else {
+                None
+            },
+            final_logit_softcap: if gemma {
+                hf.f64_or_default("final_logit_softcapping", 30.0)?
+            } else {
+                None
+            },
+            embedding_scale: gemma.then(|| (hidden_size as f64).sqrt()),
+            experts,
             bos_token_id: hf.ids("bos_token_id")?.first().copied(),
             eos_token_ids: hf.ids("eos_token_id")?,
         };
@@ -310,18 +620,30 @@ impl LlamaConfig {
     /// Says at info level what decides the math, so a user can see what
     /// the engine understood.
     fn log(&self, path: &Path, format: &str) {
+        let windowed = self.sliding_layers.iter().filter(|w| **w).count();
         tracing::info!(
             file = %path.display(),
             format,
-            family = "llama",
+            family = %self.family,
             rope = "default (no scaling)",
             rope_theta = self.rope_theta,
             rope_layout = ?self.rope_layout,
             rms_norm_eps = self.rms_norm_eps,
-            norms = "RMSNorm before attention and MLP",
+            norm_weight_offset = self.norm_weight_offset,
+            sandwich_norms = self.family.sandwich_norms(),
+            qkv_bias = self.qkv_bias,
+            qk_norm = self.qk_norm,
             heads = self.num_attention_heads,
             kv_heads = self.num_key_value_heads,
             head_dim = self.head_dim,
+            attention_scale = self.attention_scale,
+            sliding_window = ?self.sliding_window,
+            windowed_blocks = windowed,
+            attn_logit_softcap = ?self.attn_logit_softcap,
+            final_logit_softcap = ?self.final_logit_softcap,
+            embedding_scale = ?self.embedding_scale,
+            activation = ?self.activation,
+            experts = ?self.experts,
             layers = self.num_hidden_layers,
             context = self.max_position_embeddings,
             tied_embeddings = self.tie_word_embeddings,
@@ -486,35 +808,141 @@ impl<'a> HfFields<'a> {
         Ok(())
     }
 
-    /// Fields that change a Llama-like model's math in ways this engine
-    /// does not implement: refused unless absent or at their neutral value.
-    fn check_unimplemented(&self) -> Result<()> {
-        // LlamaConfig's defaults: silu, no biases.
-        if let Some(act) = self.string("hidden_act")? {
-            if act != "silu" {
+    fn required_f64(&self, field: &str) -> Result<f64> {
+        self.f64(field)?.ok_or_else(|| self.bad(field, "missing"))
+    }
+
+    /// A number whose absence means the config class's `default` and whose
+    /// null means "off".
+    fn f64_or_default(&self, field: &str, default: f64) -> Result<Option<f64>> {
+        match self.fields.get(field) {
+            None => Ok(Some(default)),
+            Some(serde_json::Value::Null) => Ok(None),
+            Some(_) => self.f64(field),
+        }
+    }
+
+    /// The sliding window and which blocks use it, as each family's
+    /// transformers classes decide.
+    fn sliding(&self, family: Family, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
+        // The config classes' defaults when the key is absent: Mistral,
+        // Gemma 2 and Qwen2/3 4096 (Qwen only with use_sliding_window),
+        // Phi-3 and Mixtral none; null means none.
+        let class_default = match family {
+            Family::Mistral | Family::Gemma2 | Family::Qwen2 | Family::Qwen3 => Some(4096),
+            Family::Llama | Family::Phi3 | Family::Mixtral => None,
+        };
+        let mut window = match self.fields.get("sliding_window") {
+            None => class_default,
+            Some(serde_json::Value::Null) => None,
+            Some(_) => self.usize("sliding_window")?,
+        };
+        if family == Family::Llama && window.is_some() {
+            return Err(self.bad(
+                "sliding_window",
+                "Llama has no sliding window (is this a Mistral model?)",
+            ));
+        }
+        if matches!(family, Family::Qwen2 | Family::Qwen3)
+            && !self.bool("use_sliding_window")?.unwrap_or(false)
+        {
+            window = None;
+        }
+        let Some(window) = window else {
+            return Ok((None, vec![false; layers]));
+        };
+        let from_types = match (family, self.get("layer_types")) {
+            (Family::Gemma2 | Family::Qwen2 | Family::Qwen3, Some(types)) => {
+                let types = types
+                    .as_array()
+                    .filter(|t| t.len() == layers)
+                    .ok_or_else(|| {
+                        self.bad(
+                            "layer_types",
+                            format!("must list the {layers} blocks' attention"),
+                        )
+                    })?;
+                let windowed = types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(self.bad(
+                            "layer_types",
+                            format!("attention {t} is not implemented (only sliding_attention and full_attention)"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(windowed)
+            }
+            _ => None,
+        };
+        let layers = match from_types {
+            Some(layers) => layers,
+            None => match family {
+                // Gemma2Config: the even blocks are windowed.
+                Family::Gemma2 => (0..layers).map(|i| i % 2 == 0).collect(),
+                // Qwen2Config/Qwen3Config: blocks from max_window_layers on
+                // (default 28).
+                Family::Qwen2 | Family::Qwen3 => {
+                    let from = self.usize("max_window_layers")?.unwrap_or(28);
+                    (0..layers).map(|i| i >= from).collect()
+                }
+                _ => vec![true; layers],
+            },
+        };
+        Ok((Some(window), layers))
+    }
+
+    /// Fields that change the math in ways this engine does not
+    /// implement: refused unless absent or at their neutral value.
+    fn check_unimplemented(&self, family: Family) -> Result<()> {
+        // The config classes' defaults: silu (Gemma 2: gelu_pytorch_tanh,
+        // under another key), no biases beyond Qwen2's.
+        let (act_field, act_wanted) = match family {
+            Family::Gemma2 => ("hidden_activation", "gelu_pytorch_tanh"),
+            _ => ("hidden_act", "silu"),
+        };
+        if let Some(act) = self.string(act_field)? {
+            if act != act_wanted {
                 return Err(self.bad(
-                    "hidden_act",
-                    format!("activation {act:?} is not implemented (only \"silu\")"),
+                    act_field,
+                    format!(
+                        "activation {act:?} is not implemented for {family} (only {act_wanted:?})"
+                    ),
                 ));
             }
         }
-        for field in ["attention_bias", "mlp_bias"] {
-            if self.bool(field)? == Some(true) {
-                return Err(self.bad(field, "biases are not implemented for Llama blocks"));
+        if family != Family::Qwen2 && self.bool("attention_bias")? == Some(true) {
+            return Err(self.bad(
+                "attention_bias",
+                format!("attention biases are not implemented for {family}"),
+            ));
+        }
+        if self.bool("mlp_bias")? == Some(true) {
+            return Err(self.bad("mlp_bias", "MLP biases are not implemented"));
+        }
+        if family != Family::Gemma2 {
+            for field in ["attn_logit_softcapping", "final_logit_softcapping"] {
+                if let Some(v) = self.get(field) {
+                    return Err(
+                        self.bad(field, format!("{v}: soft-capping is not part of {family}"))
+                    );
+                }
             }
         }
-        for field in [
-            "sliding_window",
-            "attn_logit_softcapping",
-            "final_logit_softcapping",
-            "partial_rotary_factor",
-        ] {
-            let neutral = match self.get(field) {
-                None => true,
-                Some(v) => field == "partial_rotary_factor" && v.as_f64() == Some(1.0),
-            };
-            if !neutral {
-                return Err(self.bad(field, format!("{} is not implemented", self.fields[field])));
+        if self.bool("use_bidirectional_attention")? == Some(true) {
+            return Err(self.bad(
+                "use_bidirectional_attention",
+                "bidirectional attention is not implemented",
+            ));
+        }
+        if let Some(factor) = self.get("partial_rotary_factor") {
+            if factor.as_f64() != Some(1.0) {
+                return Err(self.bad(
+                    "partial_rotary_factor",
+                    format!("partial rotary embeddings ({factor}) are not implemented"),
+                ));
             }
         }
         if let Some(tp) = self.usize("pretraining_tp")? {
@@ -559,8 +987,8 @@ mod tests {
         })
     }
 
-    fn read(config: &serde_json::Value) -> Result<LlamaConfig> {
-        LlamaConfig::from_hf_json(&config.to_string(), Path::new("/models/x/config.json"))
+    fn read(config: &serde_json::Value) -> Result<ModelConfig> {
+        ModelConfig::from_hf_json(&config.to_string(), Path::new("/models/x/config.json"))
     }
 
     /// The field a refusal names, checking it also names the file.
@@ -705,7 +1133,7 @@ mod tests {
     }
 
     fn gguf_refused(content: &Content) -> String {
-        match LlamaConfig::from_gguf(content, Path::new("/models/x.gguf")) {
+        match ModelConfig::from_gguf(content, Path::new("/models/x.gguf")) {
             Err(ShardError::BadConfig { field, path, .. }) => {
                 assert_eq!(path, Path::new("/models/x.gguf"));
                 field
@@ -716,7 +1144,7 @@ mod tests {
 
     #[test]
     fn gguf_math_fields_missing_or_unimplemented_are_named() {
-        assert!(LlamaConfig::from_gguf(&gguf(&[], &[]), Path::new("x.gguf")).is_ok());
+        assert!(ModelConfig::from_gguf(&gguf(&[], &[]), Path::new("x.gguf")).is_ok());
         for key in [
             "llama.attention.layer_norm_rms_epsilon",
             "llama.context_length",
@@ -737,6 +1165,275 @@ mod tests {
             "llama.rope.dimension_count"
         );
         let none = [("llama.rope.scaling.type", Value::String("none".into()))];
-        assert!(LlamaConfig::from_gguf(&gguf(&none, &[]), Path::new("x.gguf")).is_ok());
+        assert!(ModelConfig::from_gguf(&gguf(&none, &[]), Path::new("x.gguf")).is_ok());
+    }
+
+    /// `v5()` as another family's config.json.
+    fn family(model_type: &str, extra: serde_json::Value) -> serde_json::Value {
+        let mut config = v5();
+        config["model_type"] = json!(model_type);
+        config.as_object_mut().unwrap().remove("architectures");
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        config
+    }
+
+    fn gemma2() -> serde_json::Value {
+        let mut config = family(
+            "gemma2",
+            json!({
+                "head_dim": 16,
+                "query_pre_attn_scalar": 16,
+                "hidden_activation": "gelu_pytorch_tanh",
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "attn_logit_softcapping": 50.0,
+                "final_logit_softcapping": 30.0,
+            }),
+        );
+        config.as_object_mut().unwrap().remove("hidden_act");
+        config
+    }
+
+    #[test]
+    fn each_family_reads_what_decides_its_math() {
+        let qwen2 = read(&family(
+            "qwen2",
+            json!({"use_sliding_window": false, "sliding_window": 4096}),
+        ))
+        .unwrap();
+        assert_eq!(qwen2.family, Family::Qwen2);
+        assert!(qwen2.qkv_bias && !qwen2.qk_norm);
+        assert_eq!(qwen2.sliding_window, None);
+        let windowed = read(&family(
+            "qwen2",
+            json!({"use_sliding_window": true, "sliding_window": 8, "max_window_layers": 1}),
+        ))
+        .unwrap();
+        assert_eq!(windowed.sliding_window, Some(8));
+        assert_eq!(windowed.sliding_layers, [false, true]);
+        assert_eq!(windowed.window_of(0), None);
+        assert_eq!(windowed.window_of(1), Some(8));
+
+        let qwen3 = read(&family("qwen3", json!({"head_dim": 32}))).unwrap();
+        assert!(qwen3.qk_norm && !qwen3.qkv_bias);
+        assert_eq!(qwen3.head_dim, 32);
+        assert!((qwen3.attention_scale - 1.0 / 32f64.sqrt()).abs() < 1e-12);
+
+        let mistral = read(&family("mistral", json!({"sliding_window": 6}))).unwrap();
+        assert_eq!(mistral.sliding_window, Some(6));
+        assert_eq!(mistral.sliding_layers, [true, true]);
+        // MistralConfig's default window when the key is absent; none when null.
+        let mut absent = family("mistral", json!({}));
+        absent.as_object_mut().unwrap().remove("sliding_window");
+        assert_eq!(read(&absent).unwrap().sliding_window, Some(4096));
+        let null = family("mistral", json!({"sliding_window": null}));
+        assert_eq!(read(&null).unwrap().sliding_window, None);
+
+        assert!(read(&family("phi3", json!({})))
+            .unwrap()
+            .family
+            .fused_projections());
+
+        let gemma = read(&gemma2()).unwrap();
+        assert_eq!(gemma.activation, Activation::GeluTanh);
+        assert_eq!(gemma.norm_weight_offset, 1.0);
+        assert_eq!(gemma.embedding_scale, Some(8.0));
+        assert_eq!(
+            (gemma.attn_logit_softcap, gemma.final_logit_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert_eq!(gemma.sliding_layers, [true, false]);
+        assert!(gemma.tie_word_embeddings, "Gemma2Config ties by default");
+        // Gemma2Config's defaults when absent; off when null.
+        let mut defaults = gemma2();
+        let o = defaults.as_object_mut().unwrap();
+        o.remove("attn_logit_softcapping");
+        o.remove("layer_types");
+        o.insert("final_logit_softcapping".into(), serde_json::Value::Null);
+        let defaults = read(&defaults).unwrap();
+        assert_eq!(defaults.attn_logit_softcap, Some(50.0));
+        assert_eq!(defaults.final_logit_softcap, None);
+        assert_eq!(
+            defaults.sliding_layers,
+            [true, false],
+            "even blocks windowed"
+        );
+
+        let mixtral = read(&family(
+            "mixtral",
+            json!({"num_local_experts": 4, "num_experts_per_tok": 2}),
+        ))
+        .unwrap();
+        assert_eq!(
+            mixtral.experts,
+            Some(Experts {
+                count: 4,
+                per_token: 2
+            })
+        );
+    }
+
+    #[test]
+    fn family_fields_missing_or_unimplemented_are_named() {
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (family("qwen3", json!({})), "head_dim"),
+            (
+                {
+                    let mut c = gemma2();
+                    c.as_object_mut().unwrap().remove("query_pre_attn_scalar");
+                    c
+                },
+                "query_pre_attn_scalar",
+            ),
+            (
+                {
+                    let mut c = gemma2();
+                    c["hidden_activation"] = json!("gelu");
+                    c
+                },
+                "hidden_activation",
+            ),
+            (
+                {
+                    let mut c = gemma2();
+                    c["layer_types"] = json!(["sliding_attention", "chunked_attention"]);
+                    c
+                },
+                "layer_types",
+            ),
+            (
+                {
+                    let mut c = gemma2();
+                    c["layer_types"] = json!(["full_attention"]);
+                    c
+                },
+                "layer_types",
+            ),
+            (
+                {
+                    let mut c = gemma2();
+                    c["use_bidirectional_attention"] = json!(true);
+                    c
+                },
+                "use_bidirectional_attention",
+            ),
+            (
+                family("qwen2", json!({"attn_logit_softcapping": 30.0})),
+                "attn_logit_softcapping",
+            ),
+            (
+                family("qwen3", json!({"head_dim": 32, "attention_bias": true})),
+                "attention_bias",
+            ),
+            (
+                family("mistral", json!({"sliding_window": 0})),
+                "sliding_window",
+            ),
+            (
+                family(
+                    "mixtral",
+                    json!({"num_local_experts": 8, "num_experts_per_tok": 9}),
+                ),
+                "num_experts_per_tok",
+            ),
+            (
+                family("phi3", json!({"hidden_act": "gelu_new"})),
+                "hidden_act",
+            ),
+        ];
+        for (config, named) in cases {
+            assert_eq!(refused_field(&config), named, "{config}");
+        }
+        match read(&family("falcon", json!({}))) {
+            Err(ShardError::UnsupportedArchitecture { architecture, .. }) => {
+                assert_eq!(architecture, "falcon")
+            }
+            other => panic!("falcon is not a family here: {other:?}"),
+        }
+    }
+
+    /// A GGUF of another architecture: the llama keys renamed.
+    fn gguf_arch(arch: &str, extra: &[(&str, Value)], without: &[&str]) -> Content {
+        let mut content = gguf(&[], &[]);
+        let metadata = std::mem::take(&mut content.metadata);
+        content.metadata = metadata
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix("llama.") {
+                Some(rest) => (format!("{arch}.{rest}"), v),
+                None if k == "general.architecture" => (k, Value::String(arch.into())),
+                None => (k, v),
+            })
+            .collect();
+        for (k, v) in extra {
+            content.metadata.insert((*k).to_owned(), v.clone());
+        }
+        for key in without {
+            content.metadata.remove(*key);
+        }
+        content
+    }
+
+    #[test]
+    fn gguf_families_read_what_decides_their_math() {
+        let path = Path::new("x.gguf");
+        let qwen2 = ModelConfig::from_gguf(&gguf_arch("qwen2", &[], &[]), path).unwrap();
+        assert_eq!(
+            (qwen2.family, qwen2.rope_layout, qwen2.qkv_bias),
+            (Family::Qwen2, RopeLayout::Halves, true)
+        );
+        let qwen3 = ModelConfig::from_gguf(
+            &gguf_arch(
+                "qwen3",
+                &[("qwen3.attention.key_length", Value::U32(32))],
+                &[],
+            ),
+            path,
+        )
+        .unwrap();
+        assert_eq!((qwen3.head_dim, qwen3.qk_norm), (32, true));
+        let caps = [
+            ("gemma2.attn_logit_softcapping", Value::F32(50.0)),
+            ("gemma2.final_logit_softcapping", Value::F32(30.0)),
+            ("gemma2.attention.sliding_window", Value::U32(4)),
+        ];
+        let gemma = ModelConfig::from_gguf(&gguf_arch("gemma2", &caps, &[]), path).unwrap();
+        assert_eq!(gemma.norm_weight_offset, 0.0, "the converter stored w + 1");
+        assert_eq!(gemma.sliding_layers, [true, false]);
+        assert_eq!(gemma.attn_logit_softcap, Some(50.0));
+        let experts = [
+            ("llama.expert_count", Value::U32(8)),
+            ("llama.expert_used_count", Value::U32(2)),
+        ];
+        let mixtral = ModelConfig::from_gguf(&gguf(&experts, &[]), path).unwrap();
+        assert_eq!(
+            (mixtral.family, mixtral.rope_layout),
+            (Family::Mixtral, RopeLayout::Interleaved)
+        );
+
+        for missing in [
+            "gemma2.attn_logit_softcapping",
+            "gemma2.final_logit_softcapping",
+            "gemma2.attention.sliding_window",
+        ] {
+            assert_eq!(
+                gguf_refused(&gguf_arch("gemma2", &caps, &[missing])),
+                missing
+            );
+        }
+        assert_eq!(
+            gguf_refused(&gguf(&[("llama.expert_count", Value::U32(8))], &[])),
+            "llama.expert_used_count"
+        );
+        let uneven = [("qwen2.attention.value_length", Value::U32(8))];
+        assert_eq!(
+            gguf_refused(&gguf_arch("qwen2", &uneven, &[])),
+            "qwen2.attention.value_length"
+        );
+        assert!(matches!(
+            ModelConfig::from_gguf(&gguf_arch("falcon", &[], &[]), path),
+            Err(ShardError::UnsupportedArchitecture { .. })
+        ));
     }
 }

@@ -23,7 +23,7 @@ pub enum ShardError {
         reason: String,
     },
     /// The model's architecture is not one this engine computes.
-    #[error("unsupported model architecture {architecture:?} in {path}: Sherpa Swarm runs Llama-architecture models (llama, mistral-style GQA); convert or pick another model")]
+    #[error("unsupported model architecture {architecture:?} in {path}: Sherpa Swarm runs the llama, mistral, qwen2, qwen3, phi3, gemma2 and mixtral families; pick a model of one of them")]
     UnsupportedArchitecture {
         /// The file that declared it.
         path: PathBuf,

@@ -3,15 +3,16 @@
 
 use candle_core::{Device, IndexOp, Tensor};
 
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::error::{Result, ShardError};
 use crate::linear::Linear;
 use crate::weights::{LoadedWeight, ModelFiles, WeightName, WeightPrecision};
 
-/// Embedding table, final RMS norm and LM head (tied or separate).
+/// Embedding table, final RMS norm and LM head (tied or separate), with
+/// the family's embedding scale and final soft-cap.
 #[derive(Debug, Clone)]
 pub struct ClientHead {
-    config: LlamaConfig,
+    config: ModelConfig,
     embedding: Embedding,
     final_norm: Tensor,
     lm_head: Linear,
@@ -31,9 +32,20 @@ impl ClientHead {
     /// Loads the embeddings, final norm and LM head from `files`.
     pub fn load(files: &ModelFiles, device: &Device, precision: WeightPrecision) -> Result<Self> {
         let config = files.config().clone();
+        if files.split_part().as_deref() == Some("blocks") {
+            return Err(ShardError::BadSettings(format!(
+                "{} is a span file of a split model, with no embeddings or LM head: a client runs from the head file",
+                files.path().display()
+            )));
+        }
         let mut reader = files.reader(device, precision)?;
         let embedding_weight = reader.load(WeightName::Embedding)?;
         let final_norm = reader.load_vector(WeightName::FinalNorm)?;
+        let final_norm = if config.norm_weight_offset == 0.0 {
+            final_norm
+        } else {
+            (final_norm + config.norm_weight_offset)?
+        };
         let mut weight_bytes = embedding_weight.size_in_bytes() + config.hidden_size * 4;
         let (lm_head, lm_head_bytes) = if files.has(WeightName::LmHead) {
             let head = reader.load(WeightName::LmHead)?;
@@ -70,7 +82,7 @@ impl ClientHead {
     }
 
     /// The model's hyper-parameters.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -95,6 +107,10 @@ impl ClientHead {
             Embedding::Quantized(q) => q.embedding(&ids_tensor)?,
             Embedding::Dense(t) => t.embedding(&ids_tensor)?,
         };
+        let rows = match self.config.embedding_scale {
+            Some(scale) => (rows * scale)?,
+            None => rows,
+        };
         Ok(rows.unsqueeze(0)?)
     }
 
@@ -106,6 +122,10 @@ impl ClientHead {
         let normed =
             candle_nn::ops::rms_norm(&last, &self.final_norm, self.config.rms_norm_eps as f32)?;
         let logits = self.lm_head.forward(&normed)?; // (1, 1, vocab)
+        let logits = match self.config.final_logit_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        };
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 }

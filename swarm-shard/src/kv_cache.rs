@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use swarm_core::BlockRange;
 
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::error::{Result, ShardError};
 
 /// A byte budget shared by every session cache of a server.
@@ -163,7 +163,7 @@ pub struct SessionCache {
 impl SessionCache {
     /// Bytes a session of `max_tokens` over `range` needs in `dtype`.
     pub fn bytes_needed(
-        cfg: &LlamaConfig,
+        cfg: &ModelConfig,
         range: BlockRange,
         max_tokens: usize,
         dtype: DType,
@@ -175,7 +175,7 @@ impl SessionCache {
 
     /// Reserves room for `max_tokens` positions over `range` from `budget`.
     pub fn new(
-        cfg: &LlamaConfig,
+        cfg: &ModelConfig,
         range: BlockRange,
         max_tokens: usize,
         budget: &Arc<CacheBudget>,
@@ -248,13 +248,23 @@ impl SessionCache {
 
 /// The additive causal mask for `seq` new positions after `start` cached
 /// ones, (seq, start + seq): 0 where a query may attend, -inf where not.
-pub(crate) fn causal_mask(seq: usize, start: usize, device: &Device) -> Result<Tensor> {
+/// With a sliding `window`, a query sees only keys less than `window`
+/// positions back (itself included), as transformers' sliding-window
+/// masks do.
+pub(crate) fn causal_mask(
+    seq: usize,
+    start: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     // Query i (absolute position start + i) may see keys 0..=start + i.
     let total = start + seq;
     let mask: Vec<f32> = (0..seq)
         .flat_map(|i| {
+            let pos = start + i;
             (0..total).map(move |j| {
-                if j <= start + i {
+                let visible = j <= pos && window.is_none_or(|w| pos - j < w);
+                if visible {
                     0.0
                 } else {
                     f32::NEG_INFINITY
@@ -314,12 +324,20 @@ mod tests {
 
     #[test]
     fn causal_mask_lets_each_position_see_its_past() {
-        let mask = causal_mask(2, 3, &Device::Cpu)
+        let mask = causal_mask(2, 3, None, &Device::Cpu)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
         assert_eq!(mask[0][..4], [0.0; 4]);
         assert_eq!(mask[0][4], f32::NEG_INFINITY);
         assert_eq!(mask[1], vec![0.0; 5]);
+        // A window of 2: position 3 sees 2 and 3, position 4 sees 3 and 4.
+        let inf = f32::NEG_INFINITY;
+        let windowed = causal_mask(2, 3, Some(2), &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(windowed[0], [inf, inf, 0.0, 0.0, inf]);
+        assert_eq!(windowed[1], [inf, inf, inf, 0.0, 0.0]);
     }
 }

@@ -21,6 +21,7 @@
 mod block;
 mod config;
 pub mod cpu;
+mod digest;
 mod error;
 mod generate;
 mod head;
@@ -29,13 +30,15 @@ mod linear;
 mod rope;
 mod sampler;
 mod shard;
+pub mod split;
 #[cfg(any(test, feature = "test-util"))]
 pub mod tiny;
 mod tokenizer;
 mod weights;
 
-pub use block::LlamaBlock;
-pub use config::{LlamaConfig, RopeLayout};
+pub use block::Block;
+pub use config::{Activation, Experts, Family, ModelConfig, RopeLayout};
+pub use digest::{BlockDigest, Manifest};
 pub use error::{Result, ShardError};
 pub use generate::{
     generate, BlockPipeline, GenerateOptions, GenerationOutput, Generator, LocalModel,
@@ -49,7 +52,7 @@ pub use sampler::{argmax, Sampler, SamplingConfig};
 pub use shard::BlockShard;
 pub use tokenizer::{ChatMessage, StreamDecoder, TextTokenizer};
 pub use weights::{
-    BlockWeight, LoadedWeight, ModelFiles, WeightName, WeightPrecision, WeightReader,
+    BlockWeight, ExpertWeights, LoadedWeight, ModelFiles, WeightName, WeightPrecision, WeightReader,
 };
 
 /// Re-exported so users name devices and tensors without a direct candle dependency.

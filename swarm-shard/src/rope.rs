@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{LlamaConfig, RopeLayout};
+use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Result, ShardError};
 
 /// Precomputed cos/sin tables for every position up to the model's context
@@ -18,7 +18,7 @@ pub struct RotaryEmbedding {
 
 impl RotaryEmbedding {
     /// Builds the tables for `cfg` on `device`.
-    pub fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
         let half = cfg.head_dim / 2;
         let positions = cfg.max_position_embeddings;
         // Angles in f64 then rounded once: positions in the thousands times

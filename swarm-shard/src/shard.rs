@@ -5,8 +5,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use swarm_core::BlockRange;
 
-use crate::block::{LlamaBlock, StepContext};
-use crate::config::LlamaConfig;
+use crate::block::{Block, StepContext};
+use crate::config::ModelConfig;
 use crate::error::{Result, ShardError};
 use crate::kv_cache::{causal_mask, CacheBudget, SessionCache};
 use crate::rope::RotaryEmbedding;
@@ -16,9 +16,9 @@ use crate::weights::{ModelFiles, WeightPrecision};
 /// every session brings its own [`SessionCache`].
 #[derive(Debug, Clone)]
 pub struct BlockShard {
-    config: Arc<LlamaConfig>,
+    config: Arc<ModelConfig>,
     range: BlockRange,
-    blocks: Vec<LlamaBlock>,
+    blocks: Vec<Block>,
     rope: RotaryEmbedding,
     device: Device,
 }
@@ -33,10 +33,11 @@ impl BlockShard {
     ) -> Result<Self> {
         let config = files.config().clone();
         range.check_within(config.num_hidden_layers as u32)?;
+        files.check_holds(range)?;
         let mut reader = files.reader(device, precision)?;
         let blocks = range
             .iter()
-            .map(|i| LlamaBlock::load(&config, &mut reader, i as usize))
+            .map(|i| Block::load(&config, &mut reader, i as usize))
             .collect::<Result<Vec<_>>>()?;
         tracing::debug!(%range, path = %files.path().display(), "loaded block span");
         Ok(Self {
@@ -54,7 +55,7 @@ impl BlockShard {
     }
 
     /// The model's hyper-parameters.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -65,7 +66,7 @@ impl BlockShard {
 
     /// Bytes of weights held.
     pub fn weight_bytes(&self) -> usize {
-        self.blocks.iter().map(LlamaBlock::weight_bytes).sum()
+        self.blocks.iter().map(Block::weight_bytes).sum()
     }
 
     /// Opens a session cache for `span` (all or part of this shard's
@@ -121,22 +122,29 @@ impl BlockShard {
         let seq = dims[1];
         cache.check_room(seq)?;
         let start = cache.len();
+        let blocks = || self.blocks.iter().skip(first).take(span.len() as usize);
+        // Rows are (query-head group, position); every group gets the same mask.
+        let group = self.config.gqa_group();
         let mask = if seq > 1 {
-            // Rows are (query-head group, position); every group gets the same mask.
-            let mask = causal_mask(seq, start, &self.device)?;
-            Some(mask.repeat((self.config.gqa_group(), 1))?)
+            Some(causal_mask(seq, start, None, &self.device)?.repeat((group, 1))?)
         } else {
             None
+        };
+        let window_mask = match self.config.sliding_window {
+            Some(window) if seq > 1 && blocks().any(Block::windowed) => {
+                Some(causal_mask(seq, start, Some(window), &self.device)?.repeat((group, 1))?)
+            }
+            _ => None,
         };
         let ctx = StepContext {
             rope: &self.rope,
             start,
             mask: mask.as_ref(),
+            window_mask: window_mask.as_ref(),
             max_tokens: cache.max_tokens(),
         };
         let mut xs = hidden.to_dtype(candle_core::DType::F32)?;
-        let blocks = self.blocks.iter().skip(first).take(span.len() as usize);
-        for (offset, block) in blocks.enumerate() {
+        for (offset, block) in blocks().enumerate() {
             let kv = cache.layer(offset).ok_or_else(|| {
                 ShardError::BadSettings("session cache has fewer layers than the shard".into())
             })?;

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::LlamaConfig;
+use swarm_core::BlockRange;
+
+use crate::config::{Family, ModelConfig};
 use crate::error::{candle_message, Result, ShardError};
 use crate::linear::Linear;
 
@@ -30,6 +32,7 @@ pub enum WeightPrecision {
 
 /// The weights of one transformer block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum BlockWeight {
     /// RMS norm before attention.
     AttnNorm,
@@ -39,72 +42,107 @@ pub enum BlockWeight {
     K,
     /// Value projection.
     V,
+    /// Query, key and value projections in one matrix (Phi-3).
+    Qkv,
+    /// Query bias (Qwen2).
+    QBias,
+    /// Key bias (Qwen2).
+    KBias,
+    /// Value bias (Qwen2).
+    VBias,
+    /// RMS norm of each query head (Qwen3).
+    QNorm,
+    /// RMS norm of each key head (Qwen3).
+    KNorm,
     /// Attention output projection.
     O,
+    /// RMS norm after attention, before the residual add (Gemma 2).
+    PostAttnNorm,
     /// RMS norm before the MLP.
     FfnNorm,
     /// MLP gate projection.
     Gate,
     /// MLP up projection.
     Up,
+    /// MLP gate and up projections in one matrix, gate first (Phi-3).
+    GateUp,
     /// MLP down projection.
     Down,
+    /// RMS norm after the MLP, before the residual add (Gemma 2).
+    PostFfnNorm,
 }
 
 impl BlockWeight {
-    /// All weights of a block.
-    pub const ALL: [BlockWeight; 9] = [
-        Self::AttnNorm,
-        Self::Q,
-        Self::K,
-        Self::V,
-        Self::O,
-        Self::FfnNorm,
-        Self::Gate,
-        Self::Up,
-        Self::Down,
-    ];
-
+    /// The tensor's name in a block of a GGUF file written by llama.cpp's
+    /// converter, after `blk.N.`.
     fn gguf_suffix(self) -> &'static str {
         match self {
-            Self::AttnNorm => "attn_norm",
-            Self::Q => "attn_q",
-            Self::K => "attn_k",
-            Self::V => "attn_v",
-            Self::O => "attn_output",
-            Self::FfnNorm => "ffn_norm",
-            Self::Gate => "ffn_gate",
-            Self::Up => "ffn_up",
-            Self::Down => "ffn_down",
+            Self::AttnNorm => "attn_norm.weight",
+            Self::Q => "attn_q.weight",
+            Self::K => "attn_k.weight",
+            Self::V => "attn_v.weight",
+            Self::Qkv => "attn_qkv.weight",
+            Self::QBias => "attn_q.bias",
+            Self::KBias => "attn_k.bias",
+            Self::VBias => "attn_v.bias",
+            Self::QNorm => "attn_q_norm.weight",
+            Self::KNorm => "attn_k_norm.weight",
+            Self::O => "attn_output.weight",
+            Self::PostAttnNorm => "post_attention_norm.weight",
+            Self::FfnNorm => "ffn_norm.weight",
+            Self::Gate => "ffn_gate.weight",
+            // Phi-3's fused gate/up matrix keeps the up name.
+            Self::Up | Self::GateUp => "ffn_up.weight",
+            Self::Down => "ffn_down.weight",
+            Self::PostFfnNorm => "post_ffw_norm.weight",
         }
     }
 
-    fn hf_suffix(self) -> &'static str {
+    /// The tensor's name in an HF checkpoint, after `model.layers.N.`.
+    fn hf_suffix(self, family: Family) -> &'static str {
         match self {
-            Self::AttnNorm => "input_layernorm",
-            Self::Q => "self_attn.q_proj",
-            Self::K => "self_attn.k_proj",
-            Self::V => "self_attn.v_proj",
-            Self::O => "self_attn.o_proj",
-            Self::FfnNorm => "post_attention_layernorm",
-            Self::Gate => "mlp.gate_proj",
-            Self::Up => "mlp.up_proj",
-            Self::Down => "mlp.down_proj",
+            Self::AttnNorm => "input_layernorm.weight",
+            Self::Q => "self_attn.q_proj.weight",
+            Self::K => "self_attn.k_proj.weight",
+            Self::V => "self_attn.v_proj.weight",
+            Self::Qkv => "self_attn.qkv_proj.weight",
+            Self::QBias => "self_attn.q_proj.bias",
+            Self::KBias => "self_attn.k_proj.bias",
+            Self::VBias => "self_attn.v_proj.bias",
+            Self::QNorm => "self_attn.q_norm.weight",
+            Self::KNorm => "self_attn.k_norm.weight",
+            Self::O => "self_attn.o_proj.weight",
+            // Gemma 2 names its norm after attention the way Llama names
+            // its norm before the MLP.
+            Self::PostAttnNorm => "post_attention_layernorm.weight",
+            Self::FfnNorm if family == Family::Gemma2 => "pre_feedforward_layernorm.weight",
+            Self::FfnNorm => "post_attention_layernorm.weight",
+            Self::Gate => "mlp.gate_proj.weight",
+            Self::Up => "mlp.up_proj.weight",
+            Self::GateUp => "mlp.gate_up_proj.weight",
+            Self::Down => "mlp.down_proj.weight",
+            Self::PostFfnNorm => "post_feedforward_layernorm.weight",
         }
     }
 
-    /// The (rows, columns) shape the config implies; norms are vectors.
-    fn expected_shape(self, cfg: &LlamaConfig) -> Vec<usize> {
+    /// The (rows, columns) shape the config implies; norms and biases are
+    /// vectors.
+    fn expected_shape(self, cfg: &ModelConfig) -> Vec<usize> {
         let h = cfg.hidden_size;
         let q = cfg.num_attention_heads * cfg.head_dim;
         let kv = cfg.num_key_value_heads * cfg.head_dim;
         let i = cfg.intermediate_size;
         match self {
-            Self::AttnNorm | Self::FfnNorm => vec![h],
+            Self::AttnNorm | Self::FfnNorm | Self::PostAttnNorm | Self::PostFfnNorm => vec![h],
+            Self::QNorm | Self::KNorm => vec![cfg.head_dim],
+            Self::QBias => vec![q],
+            Self::KBias | Self::VBias => vec![kv],
             Self::Q => vec![q, h],
             Self::K | Self::V => vec![kv, h],
+            Self::Qkv => vec![q + 2 * kv, h],
             Self::O => vec![h, q],
             Self::Gate | Self::Up => vec![i, h],
+            Self::GateUp => vec![2 * i, h],
             Self::Down => vec![h, i],
         }
     }
@@ -124,7 +162,7 @@ pub enum WeightName {
 }
 
 impl WeightName {
-    fn expected_shape(self, cfg: &LlamaConfig) -> Vec<usize> {
+    fn expected_shape(self, cfg: &ModelConfig) -> Vec<usize> {
         match self {
             Self::Embedding | Self::LmHead => vec![cfg.vocab_size, cfg.hidden_size],
             Self::FinalNorm => vec![cfg.hidden_size],
@@ -132,17 +170,17 @@ impl WeightName {
         }
     }
 
-    fn file_name(self, format: FileFormat) -> String {
+    fn file_name(self, format: FileFormat, family: Family) -> String {
         match (format, self) {
             (FileFormat::Gguf, Self::Embedding) => "token_embd.weight".into(),
             (FileFormat::Gguf, Self::FinalNorm) => "output_norm.weight".into(),
             (FileFormat::Gguf, Self::LmHead) => "output.weight".into(),
-            (FileFormat::Gguf, Self::Block(i, w)) => format!("blk.{i}.{}.weight", w.gguf_suffix()),
+            (FileFormat::Gguf, Self::Block(i, w)) => format!("blk.{i}.{}", w.gguf_suffix()),
             (FileFormat::Safetensors, Self::Embedding) => "model.embed_tokens.weight".into(),
             (FileFormat::Safetensors, Self::FinalNorm) => "model.norm.weight".into(),
             (FileFormat::Safetensors, Self::LmHead) => "lm_head.weight".into(),
             (FileFormat::Safetensors, Self::Block(i, w)) => {
-                format!("model.layers.{i}.{}.weight", w.hf_suffix())
+                format!("model.layers.{i}.{}", w.hf_suffix(family))
             }
         }
     }
@@ -160,7 +198,7 @@ enum FileFormat {
 #[derive(Debug)]
 pub struct ModelFiles {
     path: PathBuf,
-    config: LlamaConfig,
+    config: ModelConfig,
     kind: FilesKind,
 }
 
@@ -169,8 +207,8 @@ enum FilesKind {
     Gguf(Box<gguf_file::Content>),
     Hf {
         safetensors: Vec<PathBuf>,
-        /// Tensor name -> (file index, shape).
-        index: HashMap<String, (usize, Vec<usize>)>,
+        /// Tensor name -> where it is.
+        index: HashMap<String, SafetensorsEntry>,
     },
 }
 
@@ -195,7 +233,7 @@ impl ModelFiles {
     }
 
     /// The model's hyper-parameters.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -245,7 +283,7 @@ impl ModelFiles {
                 )));
             }
         }
-        let config = LlamaConfig::from_gguf(&content, path)?;
+        let config = ModelConfig::from_gguf(&content, path)?;
         let files = Self {
             path: path.to_owned(),
             config,
@@ -260,7 +298,7 @@ impl ModelFiles {
             path: config_path.clone(),
             source,
         })?;
-        let config = LlamaConfig::from_hf_json(&json, &config_path)?;
+        let config = ModelConfig::from_hf_json(&json, &config_path)?;
         let mut safetensors: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|source| ShardError::Io {
                 path: dir.to_owned(),
@@ -278,8 +316,9 @@ impl ModelFiles {
         }
         let mut index = HashMap::new();
         for (file_index, file) in safetensors.iter().enumerate() {
-            for (name, shape) in read_safetensors_header(file)? {
-                index.insert(name, (file_index, shape));
+            for (name, mut entry) in read_safetensors_header(file)? {
+                entry.file = file_index;
+                index.insert(name, entry);
             }
         }
         Ok(Self {
@@ -289,15 +328,161 @@ impl ModelFiles {
         })
     }
 
+    fn format(&self) -> FileFormat {
+        match self.kind {
+            FilesKind::Gguf(_) => FileFormat::Gguf,
+            FilesKind::Hf { .. } => FileFormat::Safetensors,
+        }
+    }
+
+    /// The tensor's name in this file.
+    fn file_name(&self, name: WeightName) -> String {
+        name.file_name(self.format(), self.config.family)
+    }
+
+    /// The GGUF header, when the model is a GGUF file.
+    pub(crate) fn gguf_content(&self) -> Option<&gguf_file::Content> {
+        match &self.kind {
+            FilesKind::Gguf(content) => Some(content),
+            FilesKind::Hf { .. } => None,
+        }
+    }
+
+    /// A metadata string of a GGUF file.
+    fn gguf_string(&self, key: &str) -> Option<String> {
+        self.gguf_metadata()?.get(key)?.to_string().ok().cloned()
+    }
+
+    /// `Some("head")` or `Some("blocks")` for a piece written by
+    /// `split-model`; `None` for a whole model.
+    pub fn split_part(&self) -> Option<String> {
+        self.gguf_string(crate::split::keys::PART)
+    }
+
+    /// The original file a split piece was cut from: its name and SHA-256.
+    pub fn split_source(&self) -> Option<(String, String)> {
+        Some((
+            self.gguf_string(crate::split::keys::SOURCE)?,
+            self.gguf_string(crate::split::keys::SOURCE_SHA256)?,
+        ))
+    }
+
+    /// The blocks whose weights this file holds: all of them, but for a
+    /// span file only its span and for a head file none.
+    pub fn held_blocks(&self) -> Result<Option<BlockRange>> {
+        let all = self.config.num_hidden_layers as u32;
+        let bad = |reason: String| ShardError::BadModelFile {
+            path: self.path.clone(),
+            reason,
+        };
+        match self.split_part().as_deref() {
+            None => Ok(Some(BlockRange::full(all)?)),
+            Some("head") => Ok(None),
+            Some("blocks") => {
+                let md = self
+                    .gguf_metadata()
+                    .ok_or_else(|| bad("no metadata".into()))?;
+                let span = md
+                    .get(crate::split::keys::BLOCKS)
+                    .and_then(|v| v.to_vec().ok())
+                    .and_then(|v| match v.as_slice() {
+                        [a, b] => Some((a.to_u32().ok()?, b.to_u32().ok()?)),
+                        _ => None,
+                    })
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "{} is not [start, end]",
+                            crate::split::keys::BLOCKS
+                        ))
+                    })?;
+                let range = BlockRange::new(span.0, span.1)
+                    .map_err(|e| bad(format!("its span is not valid: {e}")))?;
+                range
+                    .check_within(all)
+                    .map_err(|e| bad(format!("its span is not valid: {e}")))?;
+                Ok(Some(range))
+            }
+            Some(other) => Err(bad(format!("unknown split part {other:?}"))),
+        }
+    }
+
+    /// Checks that this file holds the weights of blocks `range`, saying
+    /// which it holds when not.
+    pub fn check_holds(&self, range: BlockRange) -> Result<()> {
+        let held = self.held_blocks()?;
+        let holds = held.is_some_and(|h| h.start() <= range.start() && range.end() <= h.end());
+        if holds {
+            return Ok(());
+        }
+        let what = match held {
+            Some(h) => format!("a span file holding blocks {h} only"),
+            None => "a head file, with no blocks".into(),
+        };
+        Err(ShardError::BadSettings(format!(
+            "{} is {what}, not blocks {range}: use the span file that holds them, or the whole model",
+            self.path.display()
+        )))
+    }
+
+    /// Where the head's tensors (embeddings, final norm, LM head) lie,
+    /// sorted by name.
+    pub(crate) fn head_tensors(&self) -> Vec<RawTensor> {
+        let Some(content) = self.gguf_content() else {
+            return Vec::new();
+        };
+        let mut out: Vec<RawTensor> = content
+            .tensor_infos
+            .iter()
+            .filter(|(name, _)| !name.starts_with("blk."))
+            .map(|(name, info)| raw_gguf_tensor(&self.path, content, name, info))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Where each tensor of block `index` lies in the files, sorted by
+    /// name: every tensor named `blk.N.*` (GGUF) or `model.layers.N.*`
+    /// (HF), whatever the family.
+    pub(crate) fn block_tensors(&self, index: usize) -> Vec<RawTensor> {
+        let mut out: Vec<RawTensor> = match &self.kind {
+            FilesKind::Gguf(content) => {
+                let prefix = format!("blk.{index}.");
+                content
+                    .tensor_infos
+                    .iter()
+                    .filter(|(name, _)| name.starts_with(&prefix))
+                    .map(|(name, info)| raw_gguf_tensor(&self.path, content, name, info))
+                    .collect()
+            }
+            FilesKind::Hf {
+                safetensors,
+                index: entries,
+            } => {
+                let prefix = format!("model.layers.{index}.");
+                entries
+                    .iter()
+                    .filter(|(name, _)| name.starts_with(&prefix))
+                    .map(|(name, e)| RawTensor {
+                        name: name.clone(),
+                        dtype: e.dtype.clone(),
+                        shape: e.shape.clone(),
+                        path: safetensors[e.file].clone(),
+                        start: e.start,
+                        len: e.end - e.start,
+                    })
+                    .collect()
+            }
+        };
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     /// Whether the file has a tensor for this role.
     pub fn has(&self, name: WeightName) -> bool {
+        let file_name = self.file_name(name);
         match &self.kind {
-            FilesKind::Gguf(content) => content
-                .tensor_infos
-                .contains_key(&name.file_name(FileFormat::Gguf)),
-            FilesKind::Hf { index, .. } => {
-                index.contains_key(&name.file_name(FileFormat::Safetensors))
-            }
+            FilesKind::Gguf(content) => content.tensor_infos.contains_key(&file_name),
+            FilesKind::Hf { index, .. } => index.contains_key(&file_name),
         }
     }
 
@@ -328,8 +513,50 @@ impl ModelFiles {
     }
 }
 
-/// Reads the tensor names and shapes of a safetensors file without mapping its data.
-fn read_safetensors_header(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+fn raw_gguf_tensor(
+    path: &Path,
+    content: &gguf_file::Content,
+    name: &str,
+    info: &gguf_file::TensorInfo,
+) -> RawTensor {
+    let dtype = info.ggml_dtype;
+    let len = (info.shape.elem_count() / dtype.block_size()) as u64 * dtype.type_size() as u64;
+    RawTensor {
+        name: name.to_owned(),
+        dtype: format!("{dtype:?}"),
+        shape: info.shape.dims().to_vec(),
+        path: path.to_owned(),
+        start: content.tensor_data_offset + info.offset,
+        len,
+    }
+}
+
+/// A tensor's bytes as stored, and where.
+#[derive(Debug, Clone)]
+pub(crate) struct RawTensor {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub path: PathBuf,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// Where a tensor of a safetensors checkpoint is.
+#[derive(Debug, Clone)]
+pub(crate) struct SafetensorsEntry {
+    /// Index into the checkpoint's files.
+    pub file: usize,
+    pub shape: Vec<usize>,
+    /// As the header spells it (`F16`, `BF16`, `F32`, ...).
+    pub dtype: String,
+    /// Byte range in the file.
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Reads the tensor entries of a safetensors file without mapping its data.
+fn read_safetensors_header(path: &Path) -> Result<Vec<(String, SafetensorsEntry)>> {
     use std::io::Read;
     let io = |source| ShardError::Io {
         path: path.to_owned(),
@@ -355,7 +582,8 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     file.read_exact(&mut header).map_err(io)?;
     let json: HashMap<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| bad(format!("bad safetensors header: {e}")))?;
-    let data_len = file_len - 8 - header_len;
+    let data_start = 8 + header_len;
+    let data_len = file_len - data_start;
     let mut out = Vec::new();
     for (name, entry) in json {
         if name == "__metadata__" {
@@ -365,17 +593,32 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
             .get("shape")
             .and_then(|s| serde_json::from_value(s.clone()).ok())
             .ok_or_else(|| bad(format!("tensor {name:?} has no shape")))?;
-        let end = entry
+        let dtype = entry
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| bad(format!("tensor {name:?} has no dtype")))?
+            .to_owned();
+        let offsets: Vec<u64> = entry
             .get("data_offsets")
-            .and_then(|o| o.get(1))
-            .and_then(|o| o.as_u64())
-            .ok_or_else(|| bad(format!("tensor {name:?} has no data_offsets")))?;
-        if end > data_len {
+            .and_then(|o| serde_json::from_value(o.clone()).ok())
+            .filter(|o: &Vec<u64>| o.len() == 2 && o[0] <= o[1])
+            .ok_or_else(|| bad(format!("tensor {name:?} has no valid data_offsets")))?;
+        if offsets[1] > data_len {
             return Err(bad(format!(
-                "truncated: tensor {name:?} ends at data byte {end} but the file holds {data_len}; download it again"
+                "truncated: tensor {name:?} ends at data byte {} but the file holds {data_len}; download it again",
+                offsets[1]
             )));
         }
-        out.push((name, shape));
+        out.push((
+            name,
+            SafetensorsEntry {
+                file: 0,
+                shape,
+                dtype,
+                start: data_start + offsets[0],
+                end: data_start + offsets[1],
+            },
+        ));
     }
     Ok(out)
 }
@@ -388,7 +631,7 @@ enum ReaderSource<'a> {
     },
     Hf {
         files: &'a [PathBuf],
-        index: &'a HashMap<String, (usize, Vec<usize>)>,
+        index: &'a HashMap<String, SafetensorsEntry>,
     },
 }
 
@@ -437,18 +680,31 @@ impl WeightReader<'_> {
     /// Loads one tensor, checking its shape against the config.
     pub fn load(&mut self, name: WeightName) -> Result<LoadedWeight> {
         let expected = name.expected_shape(&self.files.config);
+        let file_name = self.files.file_name(name);
+        self.load_named(&file_name, &expected)
+    }
+
+    /// Whether the file holds a tensor of this name.
+    fn has_named(&self, file_name: &str) -> bool {
+        match &self.source {
+            ReaderSource::Gguf { content, .. } => content.tensor_infos.contains_key(file_name),
+            ReaderSource::Hf { index, .. } => index.contains_key(file_name),
+        }
+    }
+
+    /// Loads the tensor `file_name`, which must have shape `expected`.
+    fn load_named(&mut self, file_name: &str, expected: &[usize]) -> Result<LoadedWeight> {
         let path = self.files.path.clone();
-        let (file_name, weight) = match &mut self.source {
+        let weight = match &mut self.source {
             ReaderSource::Gguf { content, reader } => {
-                let file_name = name.file_name(FileFormat::Gguf);
-                if !content.tensor_infos.contains_key(&file_name) {
+                if !content.tensor_infos.contains_key(file_name) {
                     return Err(ShardError::MissingTensor {
                         path,
-                        name: file_name,
+                        name: file_name.to_owned(),
                     });
                 }
                 let qtensor = content
-                    .tensor(reader, &file_name, &self.device)
+                    .tensor(reader, file_name, &self.device)
                     .map_err(|e| ShardError::BadModelFile {
                         path: path.clone(),
                         reason: format!("reading tensor {file_name:?}: {}", candle_message(&e)),
@@ -461,24 +717,25 @@ impl WeightReader<'_> {
                             | candle_core::quantized::GgmlDType::F16
                             | candle_core::quantized::GgmlDType::BF16
                     );
-                let weight = if dense {
+                if dense {
                     LoadedWeight::Dense(qtensor.dequantize(&self.device)?)
                 } else {
                     LoadedWeight::Quantized(Arc::new(qtensor))
-                };
-                (file_name, weight)
+                }
             }
             ReaderSource::Hf { files, index } => {
-                let file_name = name.file_name(FileFormat::Safetensors);
-                let Some((file_index, _)) = index.get(&file_name) else {
+                let Some(SafetensorsEntry {
+                    file: file_index, ..
+                }) = index.get(file_name)
+                else {
                     return Err(ShardError::MissingTensor {
                         path,
-                        name: file_name,
+                        name: file_name.to_owned(),
                     });
                 };
                 let file = &files[*file_index];
-                let tensor = load_safetensors_tensor(file, &file_name, &self.device)?;
-                (file_name, LoadedWeight::Dense(tensor.to_dtype(DType::F32)?))
+                let tensor = load_safetensors_tensor(file, file_name, &self.device)?;
+                LoadedWeight::Dense(tensor.to_dtype(DType::F32)?)
             }
         };
         let actual = match &weight {
@@ -487,12 +744,86 @@ impl WeightReader<'_> {
         };
         if actual != expected {
             return Err(ShardError::TensorShape {
-                name: file_name,
-                expected,
+                name: file_name.to_owned(),
+                expected: expected.to_vec(),
                 actual,
             });
         }
         Ok(weight)
+    }
+
+    /// Loads the experts of block `index`'s mixture: the router, then
+    /// each expert's (gate, up, down) matrices. GGUF files stack the
+    /// experts in 3-D tensors (`ffn_gate_exps`, ...); HF checkpoints hold
+    /// one matrix per expert (`block_sparse_moe.experts.E.w1`, as Mixtral
+    /// is published) or, as transformers 5 keeps them in memory, stacked
+    /// `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`.
+    pub fn load_experts(&mut self, index: usize) -> Result<(LoadedWeight, Vec<ExpertWeights>)> {
+        let cfg = &self.files.config;
+        let Some(experts) = cfg.experts else {
+            return Err(ShardError::BadSettings(format!(
+                "block {index} of a {} model has no experts",
+                cfg.family
+            )));
+        };
+        let (n, h, i) = (experts.count, cfg.hidden_size, cfg.intermediate_size);
+        let router_shape = [n, h];
+        match self.files.format() {
+            FileFormat::Gguf => {
+                let router =
+                    self.load_named(&format!("blk.{index}.ffn_gate_inp.weight"), &router_shape)?;
+                let mut stacked =
+                    |part: &str, rows: usize, cols: usize| -> Result<Vec<LoadedWeight>> {
+                        let name = format!("blk.{index}.ffn_{part}_exps.weight");
+                        let all = self.load_named(&name, &[n, rows, cols])?;
+                        split_experts(all, n, (rows, cols), &self.device)
+                    };
+                let gates = stacked("gate", i, h)?;
+                let ups = stacked("up", i, h)?;
+                let downs = stacked("down", h, i)?;
+                let experts = gates
+                    .into_iter()
+                    .zip(ups)
+                    .zip(downs)
+                    .map(|((gate, up), down)| ExpertWeights::Separate { gate, up, down })
+                    .collect();
+                Ok((router, experts))
+            }
+            FileFormat::Safetensors => {
+                let published = format!("model.layers.{index}.block_sparse_moe.gate.weight");
+                if self.has_named(&published) {
+                    let router = self.load_named(&published, &router_shape)?;
+                    let mut experts = Vec::with_capacity(n);
+                    for e in 0..n {
+                        let name = |w: &str| {
+                            format!("model.layers.{index}.block_sparse_moe.experts.{e}.{w}.weight")
+                        };
+                        experts.push(ExpertWeights::Separate {
+                            gate: self.load_named(&name("w1"), &[i, h])?,
+                            up: self.load_named(&name("w3"), &[i, h])?,
+                            down: self.load_named(&name("w2"), &[h, i])?,
+                        });
+                    }
+                    Ok((router, experts))
+                } else {
+                    let router = self.load_named(
+                        &format!("model.layers.{index}.mlp.gate.weight"),
+                        &router_shape,
+                    )?;
+                    let name = |w: &str| format!("model.layers.{index}.mlp.experts.{w}");
+                    let gate_up = self.load_named(&name("gate_up_proj"), &[n, 2 * i, h])?;
+                    let gate_up = split_experts(gate_up, n, (2 * i, h), &self.device)?;
+                    let down = self.load_named(&name("down_proj"), &[n, h, i])?;
+                    let down = split_experts(down, n, (h, i), &self.device)?;
+                    let experts = gate_up
+                        .into_iter()
+                        .zip(down)
+                        .map(|(gate_up, down)| ExpertWeights::Fused { gate_up, down })
+                        .collect();
+                    Ok((router, experts))
+                }
+            }
+        }
     }
 
     /// Loads a vector (norm weights) as an f32 tensor.
@@ -500,6 +831,69 @@ impl WeightReader<'_> {
         match self.load(name)? {
             LoadedWeight::Dense(t) => Ok(t.to_dtype(DType::F32)?),
             LoadedWeight::Quantized(q) => Ok(q.dequantize(&self.device)?),
+        }
+    }
+}
+
+/// One expert's matrices as a file holds them.
+#[derive(Debug, Clone)]
+pub enum ExpertWeights {
+    /// Gate, up and down projections.
+    Separate {
+        /// (intermediate, hidden)
+        gate: LoadedWeight,
+        /// (intermediate, hidden)
+        up: LoadedWeight,
+        /// (hidden, intermediate)
+        down: LoadedWeight,
+    },
+    /// Gate and up stacked in one matrix, gate first.
+    Fused {
+        /// (2 * intermediate, hidden)
+        gate_up: LoadedWeight,
+        /// (hidden, intermediate)
+        down: LoadedWeight,
+    },
+}
+
+/// Splits a (experts, rows, cols) tensor into one (rows, cols) weight per
+/// expert. Quantized experts are whole rows of blocks, so their bytes split
+/// evenly.
+fn split_experts(
+    all: LoadedWeight,
+    experts: usize,
+    (rows, cols): (usize, usize),
+    device: &Device,
+) -> Result<Vec<LoadedWeight>> {
+    match all {
+        LoadedWeight::Dense(t) => (0..experts)
+            .map(|e| Ok(LoadedWeight::Dense(t.get(e)?.contiguous()?)))
+            .collect(),
+        LoadedWeight::Quantized(q) => {
+            let dtype = q.dtype();
+            let data = q.data()?;
+            let per_expert = data.len() / experts;
+            if per_expert * experts != data.len() {
+                return Err(candle_core::Error::Msg(format!(
+                    "{} bytes of experts do not split into {experts}",
+                    data.len()
+                ))
+                .into());
+            }
+            (0..experts)
+                .map(|e| {
+                    let bytes = &data[e * per_expert..(e + 1) * per_expert];
+                    let storage = candle_core::quantized::QStorage::from_data(
+                        std::borrow::Cow::Borrowed(bytes),
+                        device,
+                        dtype,
+                    )?;
+                    Ok(LoadedWeight::Quantized(Arc::new(QTensor::new(
+                        storage,
+                        (rows, cols),
+                    )?)))
+                })
+                .collect()
         }
     }
 }
