@@ -19,6 +19,7 @@ fn records(c: &mut Criterion) {
         model: ModelId::new("smollm2-135m").unwrap(),
         blocks: BlockRange::new(0, 10).unwrap(),
         model_blocks: 30,
+        block_digests: vec![[7; 32]; 10],
         throughput: 900.0,
         cache_tokens_free: 8192,
         sessions: 0,

@@ -151,6 +151,27 @@ pub fn model_id(arg: &str) -> Result<swarm_core::ModelId, SherpaError> {
     if let Some(known) = known_file(Path::new(arg))? {
         return Ok(swarm_core::ModelId::new(known.name)?);
     }
+    // A piece of a split model is named as the file it was cut from.
+    if let Some((source, sha256)) = split_source(Path::new(arg)) {
+        if let Some(known) = KNOWN_MODELS.iter().find(|m| m.file_sha256 == sha256) {
+            return Ok(swarm_core::ModelId::new(known.name)?);
+        }
+        return clean_id(&source);
+    }
+    clean_id(arg)
+}
+
+/// The source name and SHA-256 a split piece records, if `path` is one.
+fn split_source(path: &Path) -> Option<(String, String)> {
+    let is_gguf = path.extension().is_some_and(|e| e == "gguf") && path.is_file();
+    if !is_gguf {
+        return None;
+    }
+    swarm_shard::ModelFiles::open(path).ok()?.split_source()
+}
+
+/// The file or directory name of `arg` as an id.
+fn clean_id(arg: &str) -> Result<swarm_core::ModelId, SherpaError> {
     let stem = Path::new(arg)
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -350,9 +371,140 @@ fn extract_member(
     Ok(hex(&hasher.finalize()))
 }
 
+/// The digest of every block of the model in `files` (what the swarm
+/// checks servers against), computed once per file and cached under
+/// [`sherpa_home`]`/manifests`, keyed by the file's path, size and
+/// modification time: a changed file is read again.
+pub fn manifest(files: &swarm_shard::ModelFiles) -> Result<swarm_shard::Manifest, SherpaError> {
+    if files.split_part().is_some() {
+        // A piece of a split model carries its manifest.
+        return Ok(files.manifest()?);
+    }
+    manifest_cached(files, &sherpa_home().join("manifests"))
+}
+
+/// [`manifest`], cached in `dir`.
+fn manifest_cached(
+    files: &swarm_shard::ModelFiles,
+    dir: &Path,
+) -> Result<swarm_shard::Manifest, SherpaError> {
+    let path = files.path();
+    let key = fingerprint(path)?;
+    let cache = dir.join(format!("{key}.txt"));
+    let blocks = files.config().num_hidden_layers;
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        let parsed: Result<Vec<swarm_shard::BlockDigest>, _> =
+            text.lines().map(str::parse).collect();
+        match parsed {
+            Ok(digests) if digests.len() == blocks => {
+                return Ok(swarm_shard::Manifest { blocks: digests })
+            }
+            _ => tracing::debug!(cache = %cache.display(), "ignoring a bad manifest cache"),
+        }
+    }
+    let started = std::time::Instant::now();
+    let manifest = files.manifest()?;
+    tracing::info!(
+        model = %path.display(),
+        blocks,
+        digest = %manifest.digest().short(),
+        seconds = started.elapsed().as_secs_f32(),
+        "computed the model's block digests"
+    );
+    let text: String = manifest.blocks.iter().map(|d| format!("{d}\n")).collect();
+    // A cache that cannot be written only costs the next start a re-read.
+    let written = cache
+        .parent()
+        .map(std::fs::create_dir_all)
+        .transpose()
+        .and_then(|_| write_atomically(&cache, text.as_bytes()));
+    if let Err(e) = written {
+        tracing::debug!(cache = %cache.display(), error = %e, "could not cache the manifest");
+    }
+    Ok(manifest)
+}
+
+/// Path, size and modification time of a model file (or of every file in
+/// a model directory), hashed.
+fn fingerprint(path: &Path) -> Result<String, SherpaError> {
+    let mut h = Sha256::new();
+    let canonical = path.canonicalize().map_err(io_err(path))?;
+    let mut entries = vec![canonical.clone()];
+    if canonical.is_dir() {
+        let mut inside: Vec<PathBuf> = std::fs::read_dir(&canonical)
+            .map_err(io_err(&canonical))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        inside.sort();
+        entries.extend(inside);
+    }
+    for entry in entries {
+        let meta = std::fs::metadata(&entry).map_err(io_err(&entry))?;
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        h.update(entry.to_string_lossy().as_bytes());
+        h.update(meta.len().to_le_bytes());
+        h.update(modified.to_le_bytes());
+    }
+    let mut key = hex(&h.finalize());
+    key.truncate(32);
+    Ok(key)
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it over.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_manifest_is_computed_once_and_again_when_the_file_changes() {
+        use swarm_shard::tiny::{GgmlDType, TinyModelSpec};
+        let dir = std::env::temp_dir().join(format!("sherpa-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.gguf");
+        let cache = dir.join("cache");
+        TinyModelSpec::default()
+            .write_gguf(&path, GgmlDType::Q8_0)
+            .unwrap();
+        let files = swarm_shard::ModelFiles::open(&path).unwrap();
+        let first = manifest_cached(&files, &cache).unwrap();
+        assert_eq!(first, files.manifest().unwrap());
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+        // Served from the cache: a doctored cache entry is what comes back.
+        let entry = std::fs::read_dir(&cache)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let doctored: String = (0..first.blocks.len())
+            .map(|_| format!("{}\n", "ab".repeat(32)))
+            .collect();
+        std::fs::write(&entry, doctored).unwrap();
+        assert_ne!(manifest_cached(&files, &cache).unwrap(), first);
+        // Another file at the same path is read again.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        TinyModelSpec {
+            seed: 1,
+            ..TinyModelSpec::default()
+        }
+        .write_gguf(&path, GgmlDType::Q8_0)
+        .unwrap();
+        let files = swarm_shard::ModelFiles::open(&path).unwrap();
+        let second = manifest_cached(&files, &cache).unwrap();
+        assert_eq!(second, files.manifest().unwrap());
+        assert_ne!(second, first);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn unknown_model_names_list_the_known_ones() {

@@ -220,6 +220,12 @@ impl ModelReport {
             "rejected_records": l.rejected,
             "expired_records": l.expired,
             "missing_records": l.missing,
+            "skipped_servers": l.mismatched.iter().map(|m| json!({
+                "peer_id": m.server.peer_id.to_string(),
+                "name": m.server.info.public_name,
+                "blocks": range(&m.server.info.blocks),
+                "reason": m.reason,
+            })).collect::<Vec<_>>(),
         })
     }
 }

@@ -12,8 +12,8 @@ use swarm_dht::{
 };
 use swarm_score::{select, Overrides, Selection, SelectionPolicy, ServerId};
 use swarm_shard::{
-    BlockShard, ChatMessage, ClientHead, GenerateOptions, GenerationOutput, ModelFiles, ShardError,
-    TextTokenizer, WeightPrecision,
+    BlockShard, ChatMessage, ClientHead, GenerateOptions, GenerationOutput, Manifest, ModelFiles,
+    ShardError, TextTokenizer, WeightPrecision,
 };
 
 use crate::generate::LocalBlocks;
@@ -192,7 +192,7 @@ impl ClientBuilder {
     pub async fn start(self) -> Result<Client, SherpaError> {
         self.swarm.check()?;
         let (model_arg, local, device) = (self.model.clone(), self.local_blocks, self.device);
-        let (head, tokenizer, shard) = blocking(move || {
+        let (head, tokenizer, shard, manifest) = blocking(move || {
             let path = model_store::resolve_model(&model_arg, &mut |_| {})?;
             let files = ModelFiles::open(&path)?;
             let blocks = files.config().num_hidden_layers as u32;
@@ -204,6 +204,7 @@ impl ClientBuilder {
             let device = device.open()?;
             let head = ClientHead::load(&files, &device, WeightPrecision::Native)?;
             let tokenizer = TextTokenizer::from_model(&files).ok();
+            let manifest = model_store::manifest(&files)?;
             let shard = match local {
                 0 => None,
                 k => Some(Arc::new(BlockShard::load(
@@ -213,7 +214,7 @@ impl ClientBuilder {
                     WeightPrecision::Native,
                 )?)),
             };
-            Ok((Arc::new(head), tokenizer, shard))
+            Ok((Arc::new(head), tokenizer, shard, manifest))
         })
         .await?;
         let model = match self.model_id.clone() {
@@ -221,8 +222,11 @@ impl ClientBuilder {
             None => model_store::model_id(&self.model)?,
         };
         let node = Node::start(self.swarm.config().with_relay(RelayMode::Never)).await?;
+        // Only servers whose blocks are this copy's are routed through.
+        node.expect_blocks(model.clone(), manifest.blocks.iter().map(|d| d.0).collect());
         Ok(Client {
             node,
+            manifest,
             model,
             head,
             tokenizer,
@@ -243,6 +247,7 @@ impl ClientBuilder {
 #[derive(Debug)]
 pub struct Client {
     node: Node,
+    manifest: Manifest,
     model: ModelId,
     head: Arc<ClientHead>,
     tokenizer: Option<TextTokenizer>,
@@ -314,6 +319,12 @@ impl Client {
     /// Its node.
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// The digests of the model's blocks as this client's copy has them;
+    /// servers whose blocks differ are not used.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
     }
 
     /// The model's id in the swarm.

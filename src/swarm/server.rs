@@ -104,11 +104,19 @@ impl ServerBuilder {
             let path = model_store::resolve_model(&model_arg, &mut |_| {})?;
             let files = ModelFiles::open(&path)?;
             let shard = BlockShard::load(&files, blocks, &device.open()?, WeightPrecision::Native)?;
+            let (start, end) = (blocks.start() as usize, blocks.end() as usize);
+            let digests = if files.split_part().is_some() {
+                // A span file's blocks are checked against the manifest it
+                // carries (a corrupted piece is refused here).
+                files.manifest()?.blocks[start..end].to_vec()
+            } else {
+                files.block_digests(start, end)?
+            };
             let throughput = shard.measure_throughput(8)?;
-            Ok((Arc::new(shard), throughput))
+            Ok((Arc::new(shard), throughput, digests))
         })
         .await?;
-        let (shard, throughput) = shard;
+        let (shard, throughput, digests) = shard;
         let model = match self.model_id.clone() {
             Some(id) => id,
             None => model_store::model_id(&self.model)?,
@@ -144,6 +152,7 @@ impl ServerBuilder {
             shard.config().num_hidden_layers as u32,
         );
         info.throughput = throughput;
+        info.block_digests = digests.iter().map(|d| d.0).collect();
         info.cache_tokens_free = service.free_positions();
         info.hardware = crate::hardware::detect_on(&self.device);
         info.public_name = self.name.clone().unwrap_or_else(|| {

@@ -15,7 +15,8 @@ use crate::{BlockRange, CoreError, ModelId};
 
 /// Version of the record format.
 /// - 2: `sessions` (open sessions when signed).
-pub const RECORD_VERSION: u16 = 2;
+/// - 3: `block_digests` (weight identity of each hosted block).
+pub const RECORD_VERSION: u16 = 3;
 
 /// Longest a record may live, in milliseconds: a dead server must vanish
 /// from lookups within minutes.
@@ -90,6 +91,11 @@ pub struct ServerInfo {
     /// How many blocks the whole model has, so a client can tell which
     /// blocks still lack a host.
     pub model_blocks: u32,
+    /// The SHA-256 digest of each hosted block's tensors (names, types,
+    /// shapes, bytes), in block order; empty when the server does not say.
+    /// A client routes only through blocks whose digests match its own
+    /// copy of the model.
+    pub block_digests: Vec<[u8; 32]>,
     /// Measured compute throughput: blocks x tokens per second for one
     /// token at a time (so a span's per-token time is `blocks / throughput`).
     pub throughput: f32,
@@ -132,6 +138,7 @@ impl ServerInfo {
             model,
             blocks,
             model_blocks,
+            block_digests: Vec::new(),
             throughput: 0.0,
             cache_tokens_free: 0,
             sessions: 0,
@@ -157,6 +164,10 @@ impl ServerInfo {
         }
         if self.blocks.end() > self.model_blocks || self.model_blocks > MAX_MODEL_BLOCKS {
             return bad("block range lies outside the model");
+        }
+        if !self.block_digests.is_empty() && self.block_digests.len() != self.blocks.len() as usize
+        {
+            return bad("block digests do not match the hosted blocks");
         }
         if !(self.throughput.is_finite() && self.throughput >= 0.0) {
             return bad("throughput is not a non-negative number");
@@ -261,6 +272,7 @@ mod tests {
             model: ModelId::new("smollm2-135m").unwrap(),
             blocks: BlockRange::new(10, 20).unwrap(),
             model_blocks: 30,
+            block_digests: (10u8..20).map(|b| [b; 32]).collect(),
             throughput: 812.5,
             cache_tokens_free: 4096,
             sessions: 3,
@@ -352,8 +364,9 @@ mod tests {
     #[test]
     fn records_with_insane_fields_are_rejected() {
         let key = NodeKey::from_seed([3; 32]);
-        let cases: [fn(&mut ServerInfo); 7] = [
+        let cases: [fn(&mut ServerInfo); 8] = [
             |i| i.throughput = f32::NAN,
+            |i| i.block_digests.truncate(3),
             |i| i.model_blocks = 19,
             |i| i.model_blocks = MAX_MODEL_BLOCKS + 1,
             |i| i.public_name = "x".repeat(65),
@@ -395,6 +408,7 @@ mod tests {
                 model: ModelId::new("m").unwrap(),
                 blocks: BlockRange::new(start, start + len).unwrap(),
                 model_blocks: start + len + extra,
+                block_digests: (0..len).map(|b| [b as u8; 32]).collect(),
                 throughput,
                 cache_tokens_free: cache,
                 sessions,

@@ -34,7 +34,9 @@ pub use client::{Failover, InferenceSession, RouteStep, ServerChoice, SessionOpt
 pub use error::DhtError;
 pub use identity::{NodeIdentity, SwarmKey};
 pub use libp2p::{multiaddr, Multiaddr, PeerId, Stream, StreamProtocol};
-pub use node::{ListedServer, Node, NodeConfig, NodeStats, RelayMode, ServerListing};
+pub use node::{
+    ExpectedBlocks, ListedServer, Mismatch, Node, NodeConfig, NodeStats, RelayMode, ServerListing,
+};
 pub use probe::Bandwidth;
 pub use session::{InferenceService, Link, RemoteSession};
 pub use survey::{

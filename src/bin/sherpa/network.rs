@@ -209,6 +209,14 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
         Some(id) => ModelId::new(id)?,
         None => ModelId::new(model_store::DEFAULT_MODEL)?,
     };
+    // Given the file, servers whose blocks differ from it are shown as
+    // skipped, as a client of that file would skip them.
+    let manifest = match args.model.as_deref() {
+        Some(arg) if Path::new(arg).is_file() => {
+            Some(model_store::manifest(&swarm_shard::ModelFiles::open(arg)?)?)
+        }
+        _ => None,
+    };
     let key = dht::identity::ephemeral_node_key();
     let swarm_key = swarm_key(args.swarm.swarm_key.as_deref())?;
     runtime()?.block_on(async move {
@@ -224,6 +232,9 @@ pub(crate) fn nodes(args: NodesArgs) -> Result<(), SherpaError> {
             .with_swarm_key(swarm_key)
             .with_relay(RelayMode::Never);
         let node = Node::start(config).await.map_err(net)?;
+        if let Some(manifest) = &manifest {
+            node.expect_blocks(model.clone(), manifest.blocks.iter().map(|d| d.0).collect());
+        }
         let result = survey_and_show(&node, &model, explicit, &args).await;
         node.shutdown().await;
         result

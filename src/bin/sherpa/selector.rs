@@ -81,6 +81,12 @@ pub(crate) fn print(report: &ModelReport) {
         );
     }
     let l = &report.survey.listing;
+    for m in &l.mismatched {
+        println!(
+            "  skipped {} ({}): {}",
+            m.server.info.public_name, m.server.info.blocks, m.reason
+        );
+    }
     if l.rejected + l.expired > 0 {
         println!(
             "  (dropped {} invalid and {} expired records)",

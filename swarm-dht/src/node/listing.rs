@@ -28,6 +28,76 @@ pub struct ServerListing {
     pub expired: usize,
     /// Providers whose record could not be fetched.
     pub missing: usize,
+    /// Servers left out because their blocks are not the ones this node
+    /// expects (another quantization, another fine-tune, a corrupted file).
+    pub mismatched: Vec<Mismatch>,
+}
+
+/// A server whose announced weights differ from the expected ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mismatch {
+    /// The server.
+    pub server: ListedServer,
+    /// Why it was left out.
+    pub reason: String,
+}
+
+/// The first 12 hex digits of a digest.
+fn short(digest: &[u8; 32]) -> String {
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ServerListing {
+    /// Sets apart the servers whose blocks differ from `expected` (one
+    /// digest per block of the model) into [`ServerListing::mismatched`].
+    pub fn keep_matching(&mut self, expected: &[[u8; 32]]) {
+        let servers = std::mem::take(&mut self.servers);
+        for server in servers {
+            match mismatch(&server.info, expected) {
+                None => self.servers.push(server),
+                Some(reason) => {
+                    tracing::info!(
+                        peer = %server.peer_id,
+                        name = %server.info.public_name,
+                        blocks = %server.info.blocks,
+                        %reason,
+                        "skipping a server whose weights differ"
+                    );
+                    self.mismatched.push(Mismatch { server, reason });
+                }
+            }
+        }
+    }
+}
+
+/// Why `info`'s blocks are not the expected ones, if they are not.
+fn mismatch(info: &ServerInfo, expected: &[[u8; 32]]) -> Option<String> {
+    if info.model_blocks as usize != expected.len() {
+        return Some(format!(
+            "it serves a model of {} blocks, this one has {}",
+            info.model_blocks,
+            expected.len()
+        ));
+    }
+    if info.block_digests.is_empty() {
+        return Some("it does not announce digests of its blocks".into());
+    }
+    let start = info.blocks.start() as usize;
+    info.block_digests
+        .iter()
+        .enumerate()
+        .find_map(|(offset, got)| {
+            let block = start + offset;
+            let want = expected.get(block)?;
+            (want != got).then(|| {
+                format!(
+                    "its block {block} has other weights (digest {} where this model has {}): \
+                     another quantization or fine-tune, or a corrupted file",
+                    short(got),
+                    short(want)
+                )
+            })
+        })
 }
 
 impl ServerListing {

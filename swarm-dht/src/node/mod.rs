@@ -10,7 +10,7 @@ mod listing;
 mod transport;
 
 pub use config::{direct_bind_ip, loopback, loopback_quic, NodeConfig, RelayMode};
-pub use listing::{ListedServer, ServerListing};
+pub use listing::{ListedServer, Mismatch, ServerListing};
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -50,7 +50,12 @@ pub struct Node {
     commands: mpsc::Sender<Command>,
     timeout: Duration,
     stop: mpsc::Sender<()>,
+    /// Block digests this node expects of each model's servers.
+    expected: std::sync::Arc<std::sync::RwLock<HashMap<ModelId, ExpectedBlocks>>>,
 }
+
+/// The digest of every block of a model, as a client's copy of it has them.
+pub type ExpectedBlocks = std::sync::Arc<Vec<[u8; 32]>>;
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -202,6 +207,7 @@ impl Node {
             commands,
             timeout,
             stop,
+            expected: Default::default(),
         };
         // The catalog task's handle is weak: dropping every `Node` still
         // stops the node.
@@ -337,7 +343,30 @@ impl Node {
         listing.servers.sort_by(|a, b| {
             (a.info.blocks.start(), a.peer_id).cmp(&(b.info.blocks.start(), b.peer_id))
         });
+        if let Some(expected) = self.expected_blocks(model) {
+            listing.keep_matching(&expected);
+        }
         Ok(listing)
+    }
+
+    /// From now on, lists only servers of `model` whose blocks have these
+    /// digests (one per block of the model); the others are set apart in
+    /// [`ServerListing::mismatched`] with the reason.
+    pub fn expect_blocks(&self, model: ModelId, digests: Vec<[u8; 32]>) {
+        let mut expected = self
+            .expected
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        expected.insert(model, std::sync::Arc::new(digests));
+    }
+
+    /// The digests set with [`Node::expect_blocks`].
+    pub fn expected_blocks(&self, model: &ModelId) -> Option<ExpectedBlocks> {
+        self.expected
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(model)
+            .cloned()
     }
 
     async fn providers(&self, key: RecordKey) -> Result<HashSet<PeerId>, DhtError> {
