@@ -154,7 +154,17 @@ pub fn split_model(
             span.start(),
             span.end()
         ));
-        let mut meta = common.clone();
+        // Servers never tokenize: a span file keeps only the token ids
+        // (the vocabulary can be megabytes) and says the vocabulary's size.
+        let mut meta: Vec<(String, Value)> = common
+            .iter()
+            .filter(|(k, _)| !k.starts_with("tokenizer.") || k.ends_with("_token_id"))
+            .cloned()
+            .collect();
+        let arch = files.gguf_string("general.architecture").unwrap_or_default();
+        let vocab_key = format!("{arch}.vocab_size");
+        meta.retain(|(k, _)| *k != vocab_key);
+        meta.push((vocab_key, Value::U32(files.config().vocab_size as u32)));
         meta.push((keys::PART.into(), Value::String("blocks".into())));
         meta.push((
             keys::BLOCKS.into(),

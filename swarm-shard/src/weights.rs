@@ -349,7 +349,7 @@ impl ModelFiles {
     }
 
     /// A metadata string of a GGUF file.
-    fn gguf_string(&self, key: &str) -> Option<String> {
+    pub(crate) fn gguf_string(&self, key: &str) -> Option<String> {
         self.gguf_metadata()?.get(key)?.to_string().ok().cloned()
     }
 
