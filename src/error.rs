@@ -45,6 +45,9 @@ pub enum SherpaError {
         /// Actual sha256.
         actual: String,
     },
+    /// The settings cannot work (a span too big for the memory limit, ...).
+    #[error("{0}")]
+    Config(String),
     /// A model argument is neither a known name nor an existing path.
     #[error(
         "{arg:?} is neither a known model ({known}) nor an existing .gguf file or HF directory"

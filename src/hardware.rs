@@ -72,6 +72,28 @@ fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// This process's resident memory now and at its peak, in bytes (Linux:
+/// `VmRSS` and `VmHWM` of /proc/self/status); `None` elsewhere.
+pub fn resident_memory() -> Option<(u64, u64)> {
+    resident_memory_of("self")
+}
+
+/// [`resident_memory`] of process `pid` (a number, or `self`).
+pub fn resident_memory_of(pid: &str) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

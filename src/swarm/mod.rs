@@ -153,5 +153,5 @@ pub use client::{
     Client, ClientBuilder, ClientEvent, Generation, NodeChoice, Plan, DEFAULT_WAIT_FOR_HOSTS,
 };
 pub use local::LocalSwarm;
-pub use server::{peer_of, Server, ServerBuilder};
+pub use server::{peer_of, Server, ServerBuilder, RUNTIME_MEMORY};
 pub use tracker::{Tracker, TrackerBuilder};

@@ -30,10 +30,23 @@ pub struct ServerBuilder {
     probe_tracker: bool,
     direct_port: Option<u16>,
     device: DeviceSpec,
+    max_memory: Option<u64>,
 }
+
+/// Memory a server needs besides its weights and KV caches (the runtime,
+/// the network, buffers of a step), counted against `max_memory`.
+pub const RUNTIME_MEMORY: u64 = 96 << 20;
 
 impl ServerBuilder {
     swarm_setters!();
+
+    /// Most memory this server may use, in bytes: its blocks' weights,
+    /// the KV cache budget and [`RUNTIME_MEMORY`] must fit, or it refuses
+    /// to start, saying how many blocks would.
+    pub fn max_memory(mut self, bytes: u64) -> Self {
+        self.max_memory = Some(bytes);
+        self
+    }
 
     /// The id the swarm knows the model by [default: the known name or
     /// the file stem].
@@ -100,9 +113,13 @@ impl ServerBuilder {
     pub async fn start(self) -> Result<Server, SherpaError> {
         self.swarm.check()?;
         let (model_arg, blocks, device) = (self.model.clone(), self.blocks, self.device);
+        let (max_memory, cache_bytes) = (self.max_memory, self.cache_bytes);
         let shard = blocking(move || {
             let path = model_store::resolve_model(&model_arg, &mut |_| {})?;
             let files = ModelFiles::open(&path)?;
+            if let Some(limit) = max_memory {
+                check_fits(&files, blocks, cache_bytes, limit)?;
+            }
             let shard = BlockShard::load(&files, blocks, &device.open()?, WeightPrecision::Native)?;
             let (start, end) = (blocks.start() as usize, blocks.end() as usize);
             let digests = if files.split_part().is_some() {
@@ -242,6 +259,32 @@ impl LiveInfo {
 const SELF_PROBE_BYTES: u32 = 1 << 20;
 
 /// The peer id at the end of a `/p2p/<id>` multiaddr.
+/// Refuses a span whose weights, cache budget and runtime exceed `limit`.
+fn check_fits(
+    files: &ModelFiles,
+    blocks: BlockRange,
+    cache_bytes: u64,
+    limit: u64,
+) -> Result<(), SherpaError> {
+    blocks.check_within(files.config().num_hidden_layers as u32)?;
+    let weights = files.span_memory(blocks);
+    let needed = weights + cache_bytes + RUNTIME_MEMORY;
+    if needed <= limit {
+        return Ok(());
+    }
+    let per_block = (weights / blocks.len().max(1) as u64).max(1);
+    let fit = limit.saturating_sub(cache_bytes + RUNTIME_MEMORY) / per_block;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(SherpaError::Config(format!(
+        "blocks {blocks} need {:.2} GiB of weights + {:.2} GiB of KV cache + {:.2} GiB for the runtime = {:.2} GiB, more than the memory limit of {:.2} GiB; host {fit} blocks or fewer (or lower --cache-mib)",
+        gib(weights),
+        gib(cache_bytes),
+        gib(RUNTIME_MEMORY),
+        gib(needed),
+        gib(limit)
+    )))
+}
+
 pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     match addr.iter().last() {
         Some(swarm_dht::multiaddr::Protocol::P2p(peer)) => Some(peer),
@@ -287,6 +330,7 @@ impl Server {
             probe_tracker: true,
             direct_port: Some(0),
             device: DeviceSpec::Cpu,
+            max_memory: None,
         }
     }
 

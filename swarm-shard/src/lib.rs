@@ -31,6 +31,7 @@ mod rope;
 mod sampler;
 mod shard;
 pub mod split;
+pub mod synth;
 #[cfg(any(test, feature = "test-util"))]
 pub mod tiny;
 mod tokenizer;

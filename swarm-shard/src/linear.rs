@@ -75,8 +75,11 @@ struct SharedOut(*mut f32);
 unsafe impl Sync for SharedOut {}
 
 /// Up to this many rows go through the fused kernel; larger batches
-/// dequantize the matrix once and use a dense matmul.
+/// dequantize the matrix (a slice at a time) and use a dense matmul.
 const FUSED_MAX_ROWS: usize = 4;
+
+/// Most f32 bytes of a weight dequantized at once for a dense matmul.
+const DEQUANT_CHUNK_BYTES: usize = 16 << 20;
 
 impl Linear {
     /// Wraps a quantized tensor, choosing the exact path when the format allows.
@@ -133,8 +136,7 @@ impl ExactQuantized {
         let mut out_dims = lead.to_vec();
         out_dims.push(self.rows);
         if m > FUSED_MAX_ROWS {
-            let w = self.qtensor.dequantize(xs.device())?;
-            return Ok(xs.broadcast_matmul(&w.t()?)?);
+            return self.dequantized_matmul(xs, m, &out_dims);
         }
         let x: Vec<f32> = xs
             .to_dtype(candle_core::DType::F32)?
@@ -146,6 +148,60 @@ impl ExactQuantized {
             self.gemv(&data, x_row, out_row);
         }
         Ok(Tensor::from_vec(out, out_dims, xs.device())?)
+    }
+
+    /// `xs @ W^T` for many rows: the weight is dequantized a slice of rows
+    /// at a time (at most [`DEQUANT_CHUNK_BYTES`] of f32), so a big matrix
+    /// (180 MB in f32 for a 7B model's MLP) never exists whole beside its
+    /// quantized self.
+    fn dequantized_matmul(&self, xs: &Tensor, m: usize, out_dims: &[usize]) -> Result<Tensor> {
+        let data = self.qtensor.data()?;
+        let row_bytes = self.cols / QK * self.format.block_bytes();
+        let chunk_rows = (DEQUANT_CHUNK_BYTES / (self.cols * 4)).clamp(1, self.rows);
+        let x = xs
+            .reshape((m, self.cols))?
+            .to_dtype(candle_core::DType::F32)?;
+        let mut parts = Vec::with_capacity(self.rows.div_ceil(chunk_rows));
+        let mut row = 0;
+        while row < self.rows {
+            let n = chunk_rows.min(self.rows - row);
+            let bytes = &data[row * row_bytes..(row + n) * row_bytes];
+            let w = Tensor::from_vec(self.dequantize(bytes), (n, self.cols), xs.device())?;
+            parts.push(x.matmul(&w.t()?)?);
+            row += n;
+        }
+        let out = if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            Tensor::cat(&parts, 1)?
+        };
+        Ok(out.reshape(out_dims)?)
+    }
+
+    /// The f32 values of whole rows of blocks.
+    fn dequantize(&self, bytes: &[u8]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(bytes.len() / self.format.block_bytes() * QK);
+        for block in bytes.chunks_exact(self.format.block_bytes()) {
+            match self.format {
+                BlockFormat::Q4_0 => {
+                    let d = half_at(block, 0);
+                    let qs = &block[2..18];
+                    out.extend(qs.iter().map(|q| ((q & 0x0F) as i32 - 8) as f32 * d));
+                    out.extend(qs.iter().map(|q| ((q >> 4) as i32 - 8) as f32 * d));
+                }
+                BlockFormat::Q4_1 => {
+                    let (d, min) = (half_at(block, 0), half_at(block, 2));
+                    let qs = &block[4..20];
+                    out.extend(qs.iter().map(|q| (q & 0x0F) as f32 * d + min));
+                    out.extend(qs.iter().map(|q| (q >> 4) as f32 * d + min));
+                }
+                BlockFormat::Q8_0 => {
+                    let d = half_at(block, 0);
+                    out.extend(block[2..34].iter().map(|q| *q as i8 as f32 * d));
+                }
+            }
+        }
+        out
     }
 
     /// One activation row against every weight row, in parallel over rows.
@@ -401,6 +457,32 @@ mod tests {
                 let diff = diff.to_scalar::<f32>().unwrap();
                 assert!(diff < 1e-4, "{dtype:?} m={m}: {diff}");
             }
+        }
+    }
+
+    #[test]
+    fn a_matrix_bigger_than_a_chunk_is_dequantized_in_slices_exactly() {
+        let dev = Device::Cpu;
+        // 1100 x 4096 in f32 is 18 MB: two slices.
+        let w = Tensor::randn(0f32, 0.5, (1100, 4096), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 6, 4096), &dev).unwrap();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            let Linear::Exact(exact) = Linear::from_qtensor(q.clone()).unwrap() else {
+                panic!("{dtype:?} is computed exactly")
+            };
+            let dense = q.dequantize(&dev).unwrap();
+            let ours = exact.dequantize(&q.data().unwrap());
+            assert_eq!(
+                ours,
+                dense.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{dtype:?}"
+            );
+            let got = exact.forward(&x).unwrap();
+            let want = x.broadcast_matmul(&dense.t().unwrap()).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-3, "{dtype:?}");
         }
     }
 

@@ -161,7 +161,9 @@ pub fn split_model(
             .filter(|(k, _)| !k.starts_with("tokenizer.") || k.ends_with("_token_id"))
             .cloned()
             .collect();
-        let arch = files.gguf_string("general.architecture").unwrap_or_default();
+        let arch = files
+            .gguf_string("general.architecture")
+            .unwrap_or_default();
         let vocab_key = format!("{arch}.vocab_size");
         meta.retain(|(k, _)| *k != vocab_key);
         meta.push((vocab_key, Value::U32(files.config().vocab_size as u32)));
@@ -194,12 +196,61 @@ fn write_piece(
     tensors: &[RawTensor],
     alignment: u64,
 ) -> Result<u64> {
+    let entries: Vec<TensorEntry> = tensors
+        .iter()
+        .map(|t| TensorEntry {
+            name: t.name.clone(),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+            len: t.len,
+        })
+        .collect();
+    let mut buf = vec![0u8; 1 << 20];
+    write_gguf(path, metadata, &entries, alignment, &mut |i, w| {
+        let t = &tensors[i];
+        let io = |source| ShardError::Io {
+            path: t.path.clone(),
+            source,
+        };
+        let mut src = File::open(&t.path).map_err(io)?;
+        src.seek(SeekFrom::Start(t.start)).map_err(io)?;
+        let mut left = t.len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            src.read_exact(&mut buf[..n]).map_err(io)?;
+            w.write_all(&buf[..n]).map_err(io)?;
+            left -= n as u64;
+        }
+        Ok(())
+    })
+}
+
+/// A tensor to write: its name, type (as [`GgmlDType`]'s `Debug` spells
+/// it), shape (rows last, as candle has it) and byte length.
+#[derive(Debug, Clone)]
+pub(crate) struct TensorEntry {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub len: u64,
+}
+
+/// Writes a GGUF v3 file: `metadata`, then `tensors` whose bytes `data`
+/// writes one at a time (exactly `len` bytes each), to a temporary name
+/// renamed into place when complete. Returns the file's size.
+pub(crate) fn write_gguf(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[TensorEntry],
+    alignment: u64,
+    data: &mut dyn FnMut(usize, &mut dyn Write) -> Result<()>,
+) -> Result<u64> {
     let tmp = path.with_extension("gguf.partial");
     let io = |source| ShardError::Io {
         path: tmp.clone(),
         source,
     };
-    let mut w = BufWriter::new(File::create(&tmp).map_err(io)?);
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
     let mut header = Vec::new();
     header.extend_from_slice(&0x4655_4747u32.to_le_bytes()); // "GGUF"
     header.extend_from_slice(&3u32.to_le_bytes());
@@ -225,26 +276,23 @@ fn write_piece(
     let data_start = (header.len() as u64).div_ceil(alignment) * alignment;
     header.resize(data_start as usize, 0);
     w.write_all(&header).map_err(io)?;
-    let mut buf = vec![0u8; 1 << 20];
     let mut position = 0u64;
-    for (t, at) in tensors.iter().zip(offsets) {
+    for (i, (t, at)) in tensors.iter().zip(offsets).enumerate() {
         if at > position {
             w.write_all(&vec![0u8; (at - position) as usize])
                 .map_err(io)?;
             position = at;
         }
-        let src_io = |source| ShardError::Io {
-            path: t.path.clone(),
-            source,
+        let mut counted = CountingWriter {
+            inner: &mut w,
+            written: 0,
         };
-        let mut src = File::open(&t.path).map_err(src_io)?;
-        src.seek(SeekFrom::Start(t.start)).map_err(src_io)?;
-        let mut left = t.len;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            src.read_exact(&mut buf[..n]).map_err(src_io)?;
-            w.write_all(&buf[..n]).map_err(io)?;
-            left -= n as u64;
+        data(i, &mut counted)?;
+        if counted.written != t.len {
+            return Err(ShardError::BadSettings(format!(
+                "tensor {} got {} bytes, not {}",
+                t.name, counted.written, t.len
+            )));
         }
         position += t.len;
     }
@@ -257,6 +305,23 @@ fn write_piece(
         source,
     })?;
     Ok(bytes)
+}
+
+struct CountingWriter<'a, W: Write> {
+    inner: &'a mut W,
+    written: u64,
+}
+
+impl<W: Write> Write for CountingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {

@@ -477,6 +477,27 @@ impl ModelFiles {
         out
     }
 
+    /// Bytes of memory the weights of blocks `range` take once loaded:
+    /// quantized GGUF tensors as stored, everything else as f32 (f16 and
+    /// bf16 are widened on load).
+    pub fn span_memory(&self, range: BlockRange) -> u64 {
+        range
+            .iter()
+            .flat_map(|b| self.block_tensors(b as usize))
+            .map(|t| {
+                let elems: usize = t.shape.iter().product();
+                let dense = matches!(t.dtype.as_str(), "F32" | "F16" | "BF16")
+                    || t.shape.len() == 1
+                    || matches!(self.kind, FilesKind::Hf { .. });
+                if dense {
+                    elems as u64 * 4
+                } else {
+                    t.len
+                }
+            })
+            .sum()
+    }
+
     /// Whether the file has a tensor for this role.
     pub fn has(&self, name: WeightName) -> bool {
         let file_name = self.file_name(name);

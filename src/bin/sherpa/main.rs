@@ -166,6 +166,11 @@ struct ServeArgs {
     /// Memory for session KV caches, MiB.
     #[arg(long, default_value_t = 512)]
     cache_mib: u64,
+    /// Most memory this server may use (weights, KV caches and the
+    /// runtime), e.g. 1500M or 2G (a plain number is MiB): a span that does
+    /// not fit is refused, saying how many blocks would.
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
     /// TCP port for sessions' direct connections (0: any free port), on the
     /// first TCP listen address's interface.
     #[arg(long, default_value_t = 0)]
@@ -466,6 +471,30 @@ fn split_model(
         done.manifest.digest().short()
     );
     Ok(())
+}
+
+/// A size in bytes from `1500M`, `2G`, `1.5GiB`, `512K` or a plain number
+/// of MiB (binary units).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 1500M or 2G"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1u64 << 20,
+        "k" | "kb" | "kib" => 1 << 10,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+    };
+    if !(value.is_finite() && value > 0.0) {
+        return Err(format!("{text:?} is not a positive size"));
+    }
+    Ok((value * scale as f64) as u64)
 }
 
 fn sampling(args: &GenerateArgs) -> SamplingConfig {

@@ -168,10 +168,21 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
         if let Some(name) = args.name {
             builder = builder.name(name);
         }
+        if let Some(limit) = args.max_memory {
+            builder = builder.max_memory(limit);
+        }
         let server = builder.start().await?;
         announce_address(server.addrs());
+        let resident = match sherpa_swarm::hardware::resident_memory() {
+            Some((now, peak)) => format!(
+                ", resident {:.1} MiB (peak {:.1})",
+                now as f64 / 1048576.0,
+                peak as f64 / 1048576.0
+            ),
+            None => String::new(),
+        };
         eprintln!(
-            "serving {model} blocks {blocks} as {} ({:.1} MiB of weights, {:.0} blocks x tokens/s)",
+            "serving {model} blocks {blocks} as {} ({:.1} MiB of weights{resident}, {:.0} blocks x tokens/s)",
             server.info().public_name,
             server.shard().weight_bytes() as f64 / 1048576.0,
             server.info().throughput
