@@ -9,22 +9,38 @@ use swarm_dht::{BackendError, SpanBackend, SpanState};
 use swarm_shard::{BlockShard, CacheBudget, DType, Device, SessionCache, ShardError, Tensor};
 
 /// A [`BlockShard`] served to the swarm, with sessions' caches reserved
-/// against `budget` (a session that does not fit is refused as busy).
-#[derive(Debug, Clone)]
+/// against `budget` (a session that does not fit is refused as busy). The
+/// shard can be replaced (a server moving to other blocks); sessions
+/// already open keep the one they started on.
+#[derive(Debug)]
 pub struct ShardBackend {
-    shard: Arc<BlockShard>,
+    shard: std::sync::RwLock<Arc<BlockShard>>,
     budget: Arc<CacheBudget>,
 }
 
 impl ShardBackend {
     /// Serves `shard` with caches from `budget`.
     pub fn new(shard: Arc<BlockShard>, budget: Arc<CacheBudget>) -> Self {
-        Self { shard, budget }
+        Self {
+            shard: std::sync::RwLock::new(shard),
+            budget,
+        }
     }
 
-    /// The span.
-    pub fn shard(&self) -> &Arc<BlockShard> {
-        &self.shard
+    /// The span served now.
+    pub fn shard(&self) -> Arc<BlockShard> {
+        self.shard
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves `shard` from now on.
+    pub fn replace(&self, shard: Arc<BlockShard>) {
+        *self
+            .shard
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = shard;
     }
 
     /// The cache budget.
@@ -34,21 +50,21 @@ impl ShardBackend {
 
     /// Cache bytes one position of a session over `blocks` takes.
     fn bytes_per_position(&self, blocks: BlockRange) -> u64 {
-        SessionCache::bytes_needed(self.shard.config(), blocks, 1, DType::F32).max(1)
+        SessionCache::bytes_needed(self.shard().config(), blocks, 1, DType::F32).max(1)
     }
 }
 
 impl SpanBackend for ShardBackend {
     fn blocks(&self) -> BlockRange {
-        self.shard.range()
+        self.shard().range()
     }
 
     fn hidden_size(&self) -> usize {
-        self.shard.config().hidden_size
+        self.shard().config().hidden_size
     }
 
     fn context_length(&self) -> usize {
-        self.shard.config().max_position_embeddings
+        self.shard().config().max_position_embeddings
     }
 
     fn free_positions(&self, blocks: BlockRange) -> u64 {
@@ -60,11 +76,9 @@ impl SpanBackend for ShardBackend {
         blocks: BlockRange,
         max_length: usize,
     ) -> Result<Box<dyn SpanState>, BackendError> {
-        match self.shard.new_session_for(blocks, max_length, &self.budget) {
-            Ok(cache) => Ok(Box::new(ShardSession {
-                shard: self.shard.clone(),
-                cache,
-            })),
+        let shard = self.shard();
+        match shard.new_session_for(blocks, max_length, &self.budget) {
+            Ok(cache) => Ok(Box::new(ShardSession { shard, cache })),
             Err(ShardError::CacheBudgetExceeded { .. }) => Err(BackendError::Busy {
                 needed: u32::try_from(max_length).unwrap_or(u32::MAX),
                 free: self.free_positions(blocks),

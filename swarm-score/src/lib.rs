@@ -7,10 +7,12 @@
 //!   overrides ([`select()`]),
 //! - the route planner: the fastest chain over block boundaries, and
 //!   re-planning a lost hop around failed servers ([`plan`],
-//!   [`plan_preferring`]), and how long a step may take ([`step_timeout`]).
+//!   [`plan_preferring`]), and how long a step may take ([`step_timeout`]),
+//! - where a server without a fixed span places itself ([`placement`]).
 
 mod candidate;
 mod error;
+pub mod placement;
 pub mod route;
 pub mod score;
 pub mod select;

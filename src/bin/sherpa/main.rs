@@ -148,9 +148,15 @@ struct ServeArgs {
     /// The id the swarm knows the model by (default: the known name or the file stem).
     #[arg(long)]
     model_id: Option<String>,
-    /// Blocks to host, START..END (END excluded), e.g. 0..10.
+    /// Blocks to host, START..END (END excluded), e.g. 0..10 [default: the
+    /// server chooses the blocks that most need a host, and moves when
+    /// blocks lose their last host].
     #[arg(long)]
-    blocks: String,
+    blocks: Option<String>,
+    /// How many blocks to host when choosing them [default: as many as fit
+    /// --max-memory, else all].
+    #[arg(long, conflicts_with = "blocks")]
+    num_blocks: Option<u32>,
     /// Addresses to listen on (repeatable) [default: TCP and QUIC, random ports, all interfaces].
     #[arg(long)]
     listen: Vec<String>,

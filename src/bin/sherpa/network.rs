@@ -131,7 +131,7 @@ pub(crate) fn bootstrap(tracker: Option<&str>, lan: bool) -> Result<Vec<Multiadd
 }
 
 pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
-    let blocks: BlockRange = args.blocks.parse()?;
+    let blocks: Option<BlockRange> = args.blocks.as_deref().map(str::parse).transpose()?;
     let model = match args.model_id.as_deref() {
         Some(id) => ModelId::new(id)?,
         None => model_store::model_id(&args.model)?,
@@ -150,8 +150,11 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
     };
     let bootstrap = bootstrap(args.swarm.tracker.as_deref(), args.swarm.lan)?;
     runtime()?.block_on(async move {
-        let mut builder = Server::builder(path.to_string_lossy(), blocks)
-            .model_id(model.clone())
+        let mut builder = match blocks {
+            Some(blocks) => Server::builder(path.to_string_lossy(), blocks),
+            None => Server::placing_itself(path.to_string_lossy()),
+        }
+        .model_id(model.clone())
             .identity(identity)
             .device(args.device)
             .lan(args.swarm.lan)
@@ -171,6 +174,9 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
         if let Some(limit) = args.max_memory {
             builder = builder.max_memory(limit);
         }
+        if let Some(n) = args.num_blocks {
+            builder = builder.span_length(n);
+        }
         let server = builder.start().await?;
         announce_address(server.addrs());
         let resident = match sherpa_swarm::hardware::resident_memory() {
@@ -182,7 +188,9 @@ pub(crate) fn serve(args: ServeArgs) -> Result<(), SherpaError> {
             None => String::new(),
         };
         eprintln!(
-            "serving {model} blocks {blocks} as {} ({:.1} MiB of weights{resident}, {:.0} blocks x tokens/s)",
+            "serving {model} blocks {}{} as {} ({:.1} MiB of weights{resident}, {:.0} blocks x tokens/s)",
+            server.info().blocks,
+            if blocks.is_none() { " (chosen; it moves where blocks lose their host)" } else { "" },
             server.info().public_name,
             server.shard().weight_bytes() as f64 / 1048576.0,
             server.info().throughput
