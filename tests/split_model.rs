@@ -31,6 +31,19 @@ fn split(model: &Path, out: &Path) -> (PathBuf, Vec<PathBuf>) {
     (paths[0].clone(), paths[1..].to_vec())
 }
 
+/// A copy of `src` at `dst` with one byte of `tensor` changed.
+fn altered(src: &Path, dst: &Path, tensor: &str) -> PathBuf {
+    use candle_core::quantized::gguf_file::Content;
+    std::fs::copy(src, dst).unwrap();
+    let content = Content::read(&mut std::fs::File::open(dst).unwrap()).unwrap();
+    let info = &content.tensor_infos[tensor];
+    let at = (content.tensor_data_offset + info.offset + 9) as usize;
+    let mut bytes = std::fs::read(dst).unwrap();
+    bytes[at] ^= 0x5a;
+    std::fs::write(dst, bytes).unwrap();
+    dst.to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swarm_of_pieces_generates_what_the_whole_model_does() {
     let model = common::smollm2();
@@ -115,18 +128,17 @@ async fn a_swarm_of_pieces_generates_what_the_whole_model_does() {
         "{no_head}"
     );
 
-    // A span file altered after the split is refused by its own manifest.
-    let bad = out.join("altered.gguf");
-    std::fs::copy(&spans[2], &bad).unwrap();
-    {
-        use candle_core::quantized::gguf_file::Content;
-        let content = Content::read(&mut std::fs::File::open(&bad).unwrap()).unwrap();
-        let info = &content.tensor_infos["blk.25.ffn_up.weight"];
-        let at = (content.tensor_data_offset + info.offset + 9) as usize;
-        let mut bytes = std::fs::read(&bad).unwrap();
-        bytes[at] ^= 0x5a;
-        std::fs::write(&bad, bytes).unwrap();
-    }
+    // A span file altered after the split is refused by its own manifest,
+    // and so is an altered head.
+    let bad = altered(&spans[2], &out.join("altered.gguf"), "blk.25.ffn_up.weight");
+    let bad_head = altered(&head, &out.join("altered.head.gguf"), "output_norm.weight");
+    let refused_head = Client::builder(bad_head.to_string_lossy())
+        .tracker(tracker.addr().clone())
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused_head.contains("corrupted"), "{refused_head}");
     let refused = Server::builder(bad.to_string_lossy(), "21..30".parse().unwrap())
         .tracker(tracker.addr().clone())
         .probe_tracker(false)

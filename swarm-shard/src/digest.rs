@@ -133,6 +133,9 @@ impl ModelFiles {
                 blocks: self.block_digests(0, blocks)?,
             });
         };
+        if self.split_part().as_deref() == Some("head") {
+            self.check_head()?;
+        }
         if let Some(held) = self.held_blocks()? {
             let (start, end) = (held.start() as usize, held.end() as usize);
             let actual = self.block_digests(start, end)?;
@@ -149,6 +152,29 @@ impl ModelFiles {
             }
         }
         Ok(stored)
+    }
+
+    /// Checks a head file's tensors against the digest it carries.
+    fn check_head(&self) -> Result<()> {
+        let key = crate::split::keys::HEAD_DIGEST;
+        let bad = |reason: String| ShardError::BadModelFile {
+            path: self.path().to_owned(),
+            reason,
+        };
+        let stored: BlockDigest = self
+            .gguf_string(key)
+            .ok_or_else(|| bad(format!("{key} is missing")))?
+            .parse()
+            .map_err(|e| bad(format!("{key}: {e}")))?;
+        let actual = digest_tensors(&self.head_tensors())?;
+        if actual != stored {
+            return Err(bad(format!(
+                "its embeddings or LM head (digest {}) are not the ones it was split with ({}): the file is corrupted or was altered; split the model again",
+                actual.short(),
+                stored.short()
+            )));
+        }
+        Ok(())
     }
 
     /// The manifest a split piece carries.
@@ -183,7 +209,7 @@ impl ModelFiles {
     }
 }
 
-fn digest_tensors(tensors: &[RawTensor]) -> Result<BlockDigest> {
+pub(crate) fn digest_tensors(tensors: &[RawTensor]) -> Result<BlockDigest> {
     let mut h = Sha256::new();
     h.update(b"sherpa-block-v1\0");
     let mut buf = vec![0u8; 1 << 20];

@@ -10,6 +10,7 @@
 //! - `sherpa.split.source`: the original file's name;
 //! - `sherpa.split.source_sha256`: the original file's SHA-256;
 //! - `sherpa.manifest.blocks`: the digest of every block of the model;
+//! - `sherpa.manifest.head`: the digest of the head's tensors;
 //! - `sherpa.tie_word_embeddings`: whether the LM head is the embeddings
 //!   (a span file has neither, so it cannot tell from its tensors).
 
@@ -38,6 +39,8 @@ pub mod keys {
     pub const SOURCE_SHA256: &str = "sherpa.split.source_sha256";
     /// Every block's digest, hex, in order.
     pub const MANIFEST: &str = "sherpa.manifest.blocks";
+    /// The digest of the head's tensors (embeddings, final norm, LM head).
+    pub const HEAD_DIGEST: &str = "sherpa.manifest.head";
     /// Whether the LM head is the embedding table.
     pub const TIED: &str = "sherpa.tie_word_embeddings";
 }
@@ -130,6 +133,10 @@ pub fn split_model(
                 .map(|d| Value::String(d.to_string()))
                 .collect(),
         ),
+    ));
+    common.push((
+        keys::HEAD_DIGEST.into(),
+        Value::String(crate::digest::digest_tensors(&files.head_tensors())?.to_string()),
     ));
     common.push((
         keys::TIED.into(),
