@@ -93,6 +93,25 @@ impl Family {
         self == Self::Phi3
     }
 
+    /// Whether the query, key and value projections have biases (Qwen2's
+    /// always do).
+    pub fn qkv_bias(self) -> bool {
+        self == Self::Qwen2
+    }
+
+    /// Whether each query and key head has its own RMS norm.
+    pub fn qk_norm(self) -> bool {
+        self == Self::Qwen3
+    }
+
+    /// The MLP's activation.
+    pub fn activation(self) -> Activation {
+        match self {
+            Self::Gemma2 => Activation::GeluTanh,
+            _ => Activation::Silu,
+        }
+    }
+
     /// Whether blocks have norms after attention and after the MLP too.
     pub fn sandwich_norms(self) -> bool {
         self == Self::Gemma2
@@ -455,15 +474,11 @@ impl ModelConfig {
             } else {
                 RopeLayout::Halves
             },
-            qkv_bias: family == Family::Qwen2,
-            qk_norm: family == Family::Qwen3,
+            qkv_bias: family.qkv_bias(),
+            qk_norm: family.qk_norm(),
             sliding_window,
             sliding_layers,
-            activation: if gemma {
-                Activation::GeluTanh
-            } else {
-                Activation::Silu
-            },
+            activation: family.activation(),
             // llama.cpp scales Gemma 2's queries by 1/sqrt(n_embd / n_head)
             // for the 27B model (46 blocks) and by 1/sqrt(head_dim) for the
             // others: GGUF does not carry query_pre_attn_scalar.
@@ -581,16 +596,11 @@ impl ModelConfig {
             // The config classes' default (Gemma 2's is true).
             tie_word_embeddings: hf.bool("tie_word_embeddings")?.unwrap_or(gemma),
             rope_layout: RopeLayout::Halves,
-            // Qwen2's attention always has them.
-            qkv_bias: family == Family::Qwen2,
-            qk_norm: family == Family::Qwen3,
+            qkv_bias: family.qkv_bias(),
+            qk_norm: family.qk_norm(),
             sliding_window,
             sliding_layers,
-            activation: if gemma {
-                Activation::GeluTanh
-            } else {
-                Activation::Silu
-            },
+            activation: family.activation(),
             attention_scale: if gemma {
                 1.0 / hf.required_f64("query_pre_attn_scalar")?.sqrt()
             } else {

@@ -7,8 +7,6 @@
 //! span cut out of it with the same tensors, gives the same ones.
 
 use std::fmt;
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -225,19 +223,10 @@ pub(crate) fn digest_tensors(tensors: &[RawTensor]) -> Result<BlockDigest> {
             h.update((*d as u64).to_le_bytes());
         }
         h.update(t.len.to_le_bytes());
-        let io = |source| ShardError::Io {
-            path: t.path.clone(),
-            source,
-        };
-        let mut file = File::open(&t.path).map_err(io)?;
-        file.seek(SeekFrom::Start(t.start)).map_err(io)?;
-        let mut left = t.len;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            file.read_exact(&mut buf[..n]).map_err(io)?;
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
+        t.read_chunks(&mut buf, &mut |bytes| {
+            h.update(bytes);
+            Ok(())
+        })?;
     }
     Ok(BlockDigest(h.finalize().into()))
 }

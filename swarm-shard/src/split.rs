@@ -15,7 +15,7 @@
 //!   (a span file has neither, so it cannot tell from its tensors).
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::Value;
@@ -214,21 +214,12 @@ fn write_piece(
         .collect();
     let mut buf = vec![0u8; 1 << 20];
     write_gguf(path, metadata, &entries, alignment, &mut |i, w| {
-        let t = &tensors[i];
-        let io = |source| ShardError::Io {
-            path: t.path.clone(),
-            source,
-        };
-        let mut src = File::open(&t.path).map_err(io)?;
-        src.seek(SeekFrom::Start(t.start)).map_err(io)?;
-        let mut left = t.len;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            src.read_exact(&mut buf[..n]).map_err(io)?;
-            w.write_all(&buf[..n]).map_err(io)?;
-            left -= n as u64;
-        }
-        Ok(())
+        tensors[i].read_chunks(&mut buf, &mut |bytes| {
+            w.write_all(bytes).map_err(|source| ShardError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        })
     })
 }
 

@@ -563,6 +563,32 @@ pub(crate) struct RawTensor {
     pub len: u64,
 }
 
+impl RawTensor {
+    /// Reads the tensor's bytes from its file a buffer at a time, handing
+    /// each piece to `sink`.
+    pub(crate) fn read_chunks(
+        &self,
+        buf: &mut [u8],
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let io = |source| ShardError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut file = File::open(&self.path).map_err(io)?;
+        file.seek(SeekFrom::Start(self.start)).map_err(io)?;
+        let mut left = self.len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            file.read_exact(&mut buf[..n]).map_err(io)?;
+            sink(&buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+}
+
 /// Where a tensor of a safetensors checkpoint is.
 #[derive(Debug, Clone)]
 pub(crate) struct SafetensorsEntry {
