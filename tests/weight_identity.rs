@@ -114,6 +114,22 @@ async fn two_quantizations_share_a_swarm_and_altered_weights_are_refused() {
         for m in &listing.mismatched {
             assert!(m.reason.contains("other weights"), "{}", m.reason);
         }
+        // The node selector's report (sherpa nodes --json, the dashboard)
+        // says whom it skipped and why.
+        let report = client.report(true).await.unwrap().json();
+        let reported: BTreeSet<String> = report["skipped_servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                assert!(
+                    k["reason"].as_str().unwrap().contains("other weights"),
+                    "{k}"
+                );
+                k["name"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(reported, skipped.map(String::from).into());
         let generation = client
             .generate(&PROMPT, &options, &mut |_| true)
             .await

@@ -518,6 +518,13 @@ function renderNodesTable() {
   }
   empty.textContent = msg;
   empty.hidden = !msg;
+  // Servers whose weights differ from this model's copy: never used.
+  const skipped = S.nodes && Array.isArray(S.nodes.skipped_servers) ? S.nodes.skipped_servers : [];
+  const skipList = $('nodes-skipped');
+  skipList.replaceChildren(...skipped.map((k) => h('li', {
+    text: `Skipped ${k.name || k.peer_id} (${fmtSpan(k.blocks)}): ${k.reason}`,
+  })));
+  skipList.hidden = !skipped.length;
   const mode = serverMode();
   $('nodes-caption').textContent = list.length
     ? `${list.length} found${mode === 'lan' ? ' on this network (updates every few seconds)' : mode === 'wan' ? ' through the tracker' : ''}`
