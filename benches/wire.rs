@@ -20,6 +20,7 @@ fn records(c: &mut Criterion) {
         blocks: BlockRange::new(0, 10).unwrap(),
         model_blocks: 30,
         block_digests: vec![[7; 32]; 10],
+        places_itself: false,
         throughput: 900.0,
         cache_tokens_free: 8192,
         sessions: 0,

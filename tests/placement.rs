@@ -156,3 +156,64 @@ async fn servers_without_spans_cover_the_model_and_recover_when_some_leave() {
     }
     tracker.shutdown().await;
 }
+
+/// A server that must move waits until its open sessions have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_moves_only_after_its_sessions_end() {
+    let model = common::smollm2().to_string_lossy().into_owned();
+    let tracker = Tracker::builder().start().await.unwrap();
+    let fixed = |name: &str, span: &str| {
+        Server::builder(model.clone(), span.parse().unwrap())
+            .name(name)
+            .tracker(tracker.addr().clone())
+            .probe_tracker(false)
+            .cache_bytes(64 << 20)
+            .start()
+    };
+    let front = fixed("front", "0..15").await.unwrap();
+    // The only window nobody serves is 15..30.
+    let mover = Server::placing_itself(model.clone())
+        .span_length(15)
+        .rebalance_every(Duration::from_millis(500))
+        .name("mover")
+        .tracker(tracker.addr().clone())
+        .probe_tracker(false)
+        .cache_bytes(64 << 20)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(mover.info().blocks.to_string(), "15..30");
+    let back = fixed("back", "15..30").await.unwrap();
+
+    let client = Client::builder(model.clone())
+        .tracker(tracker.addr().clone())
+        .exclude("back")
+        .start()
+        .await
+        .unwrap();
+    let session = client.session(64).await.unwrap();
+    assert!(session.route().iter().any(|s| s.name == "mover"));
+    assert_eq!(mover.current_info().sessions, 1);
+
+    // Blocks 0..15 lose their host; "mover" is the spare that must go there,
+    // but not while its session is open.
+    front.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(mover.moves(), 0, "moved under an open session");
+    assert_eq!(mover.current_info().blocks.to_string(), "15..30");
+
+    session.close().await;
+    let waited = wait_covered(&back, Duration::from_secs(30)).await;
+    assert_eq!(mover.moves(), 1);
+    assert_eq!(mover.current_info().blocks.to_string(), "0..15");
+    eprintln!(
+        "moved {:.1} s after its session closed",
+        waited.as_secs_f64()
+    );
+
+    client.shutdown().await;
+    for server in [mover, back] {
+        server.shutdown().await.unwrap();
+    }
+    tracker.shutdown().await;
+}

@@ -210,6 +210,7 @@ impl ServerBuilder {
             return Err(e.into());
         }
         let mut info = ServerInfo::new(key.public_key(), model, blocks, model_blocks);
+        info.places_itself = placed.is_some();
         info.throughput = throughput;
         info.block_digests = digests.iter().map(|d| d.0).collect();
         info.cache_tokens_free = service.free_positions();
@@ -414,14 +415,14 @@ impl Rebalancer {
             .list_servers(&mine.model, swarm_dht::now_ms())
             .await?;
         let me = self.node.peer_id().to_string();
-        let mut servers: Vec<(String, BlockRange)> = listing
+        let mut servers: Vec<swarm_score::placement::PlacedServer<String>> = listing
             .servers
             .iter()
             .filter(|s| s.info.model_blocks == mine.model_blocks)
-            .map(|s| (s.peer_id.to_string(), s.info.blocks))
-            .filter(|(id, _)| *id != me)
+            .map(|s| (s.peer_id.to_string(), s.info.blocks, s.info.places_itself))
+            .filter(|(id, _, _)| *id != me)
             .collect();
-        servers.push((me.clone(), mine.blocks));
+        servers.push((me.clone(), mine.blocks, true));
         let Some(plan) = swarm_score::placement::coverage_plan(mine.model_blocks, &servers) else {
             return Ok(None);
         };

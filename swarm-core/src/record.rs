@@ -15,7 +15,8 @@ use crate::{BlockRange, CoreError, ModelId};
 
 /// Version of the record format.
 /// - 2: `sessions` (open sessions when signed).
-/// - 3: `block_digests` (weight identity of each hosted block).
+/// - 3: `block_digests` (weight identity of each hosted block) and
+///   `places_itself`.
 pub const RECORD_VERSION: u16 = 3;
 
 /// Longest a record may live, in milliseconds: a dead server must vanish
@@ -96,6 +97,9 @@ pub struct ServerInfo {
     /// A client routes only through blocks whose digests match its own
     /// copy of the model.
     pub block_digests: Vec<[u8; 32]>,
+    /// Whether the server chose its blocks and may move to others when
+    /// blocks lose their host (a server given its span never moves).
+    pub places_itself: bool,
     /// Measured compute throughput: blocks x tokens per second for one
     /// token at a time (so a span's per-token time is `blocks / throughput`).
     pub throughput: f32,
@@ -139,6 +143,7 @@ impl ServerInfo {
             blocks,
             model_blocks,
             block_digests: Vec::new(),
+            places_itself: false,
             throughput: 0.0,
             cache_tokens_free: 0,
             sessions: 0,
@@ -273,6 +278,7 @@ mod tests {
             blocks: BlockRange::new(10, 20).unwrap(),
             model_blocks: 30,
             block_digests: (10u8..20).map(|b| [b; 32]).collect(),
+            places_itself: true,
             throughput: 812.5,
             cache_tokens_free: 4096,
             sessions: 3,
@@ -409,6 +415,7 @@ mod tests {
                 blocks: BlockRange::new(start, start + len).unwrap(),
                 model_blocks: start + len + extra,
                 block_digests: (0..len).map(|b| [b as u8; 32]).collect(),
+                places_itself: len % 2 == 0,
                 throughput,
                 cache_tokens_free: cache,
                 sessions,
