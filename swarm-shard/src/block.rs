@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::kv_cache::LayerKv;
 use crate::linear::Linear;
 use crate::rope::RotaryEmbedding;
-use crate::weights::{BlockWeight, ExpertWeights, LoadedWeight, WeightName, WeightReader};
+use crate::weights::{BlockWeight, LoadedWeight, WeightName, WeightReader};
 
 /// The weights of one block and the sizes needed to run it.
 #[derive(Debug, Clone)]
@@ -122,18 +122,12 @@ impl Block {
                         weight_bytes += w.size_in_bytes();
                         w.into_linear()
                     };
-                    mlps.push(match expert {
-                        ExpertWeights::Separate { gate, up, down } => Mlp {
-                            gate_up: GateUp::Separate {
-                                gate: linear(gate)?,
-                                up: linear(up)?,
-                            },
-                            down: linear(down)?,
+                    mlps.push(Mlp {
+                        gate_up: GateUp::Separate {
+                            gate: linear(expert.gate)?,
+                            up: linear(expert.up)?,
                         },
-                        ExpertWeights::Fused { gate_up, down } => Mlp {
-                            gate_up: GateUp::Fused(linear(gate_up)?),
-                            down: linear(down)?,
-                        },
+                        down: linear(expert.down)?,
                     });
                 }
                 Ffn::Experts {

@@ -731,14 +731,6 @@ impl WeightReader<'_> {
         self.load_named(&file_name, &expected)
     }
 
-    /// Whether the file holds a tensor of this name.
-    fn has_named(&self, file_name: &str) -> bool {
-        match &self.source {
-            ReaderSource::Gguf { content, .. } => content.tensor_infos.contains_key(file_name),
-            ReaderSource::Hf { index, .. } => index.contains_key(file_name),
-        }
-    }
-
     /// Loads the tensor `file_name`, which must have shape `expected`.
     fn load_named(&mut self, file_name: &str, expected: &[usize]) -> Result<LoadedWeight> {
         let path = self.files.path.clone();
@@ -803,8 +795,7 @@ impl WeightReader<'_> {
     /// each expert's (gate, up, down) matrices. GGUF files stack the
     /// experts in 3-D tensors (`ffn_gate_exps`, ...); HF checkpoints hold
     /// one matrix per expert (`block_sparse_moe.experts.E.w1`, as Mixtral
-    /// is published) or, as transformers 5 keeps them in memory, stacked
-    /// `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`.
+    /// is published and as transformers 5 saves it).
     pub fn load_experts(&mut self, index: usize) -> Result<(LoadedWeight, Vec<ExpertWeights>)> {
         let cfg = &self.files.config;
         let Some(experts) = cfg.experts else {
@@ -832,43 +823,29 @@ impl WeightReader<'_> {
                     .into_iter()
                     .zip(ups)
                     .zip(downs)
-                    .map(|((gate, up), down)| ExpertWeights::Separate { gate, up, down })
+                    .map(|((gate, up), down)| ExpertWeights { gate, up, down })
                     .collect();
                 Ok((router, experts))
             }
             FileFormat::Safetensors => {
-                let published = format!("model.layers.{index}.block_sparse_moe.gate.weight");
-                if self.has_named(&published) {
-                    let router = self.load_named(&published, &router_shape)?;
-                    let mut experts = Vec::with_capacity(n);
-                    for e in 0..n {
-                        let name = |w: &str| {
-                            format!("model.layers.{index}.block_sparse_moe.experts.{e}.{w}.weight")
-                        };
-                        experts.push(ExpertWeights::Separate {
-                            gate: self.load_named(&name("w1"), &[i, h])?,
-                            up: self.load_named(&name("w3"), &[i, h])?,
-                            down: self.load_named(&name("w2"), &[h, i])?,
-                        });
-                    }
-                    Ok((router, experts))
-                } else {
-                    let router = self.load_named(
-                        &format!("model.layers.{index}.mlp.gate.weight"),
-                        &router_shape,
-                    )?;
-                    let name = |w: &str| format!("model.layers.{index}.mlp.experts.{w}");
-                    let gate_up = self.load_named(&name("gate_up_proj"), &[n, 2 * i, h])?;
-                    let gate_up = split_experts(gate_up, n, (2 * i, h), &self.device)?;
-                    let down = self.load_named(&name("down_proj"), &[n, h, i])?;
-                    let down = split_experts(down, n, (h, i), &self.device)?;
-                    let experts = gate_up
-                        .into_iter()
-                        .zip(down)
-                        .map(|(gate_up, down)| ExpertWeights::Fused { gate_up, down })
-                        .collect();
-                    Ok((router, experts))
+                // transformers 5 stacks the experts in memory but saves
+                // them as published, one matrix per expert.
+                let router = self.load_named(
+                    &format!("model.layers.{index}.block_sparse_moe.gate.weight"),
+                    &router_shape,
+                )?;
+                let mut experts = Vec::with_capacity(n);
+                for e in 0..n {
+                    let name = |w: &str| {
+                        format!("model.layers.{index}.block_sparse_moe.experts.{e}.{w}.weight")
+                    };
+                    experts.push(ExpertWeights {
+                        gate: self.load_named(&name("w1"), &[i, h])?,
+                        up: self.load_named(&name("w3"), &[i, h])?,
+                        down: self.load_named(&name("w2"), &[h, i])?,
+                    });
                 }
+                Ok((router, experts))
             }
         }
     }
@@ -882,25 +859,15 @@ impl WeightReader<'_> {
     }
 }
 
-/// One expert's matrices as a file holds them.
+/// One expert's matrices.
 #[derive(Debug, Clone)]
-pub enum ExpertWeights {
-    /// Gate, up and down projections.
-    Separate {
-        /// (intermediate, hidden)
-        gate: LoadedWeight,
-        /// (intermediate, hidden)
-        up: LoadedWeight,
-        /// (hidden, intermediate)
-        down: LoadedWeight,
-    },
-    /// Gate and up stacked in one matrix, gate first.
-    Fused {
-        /// (2 * intermediate, hidden)
-        gate_up: LoadedWeight,
-        /// (hidden, intermediate)
-        down: LoadedWeight,
-    },
+pub struct ExpertWeights {
+    /// (intermediate, hidden)
+    pub gate: LoadedWeight,
+    /// (intermediate, hidden)
+    pub up: LoadedWeight,
+    /// (hidden, intermediate)
+    pub down: LoadedWeight,
 }
 
 /// Splits a (experts, rows, cols) tensor into one (rows, cols) weight per

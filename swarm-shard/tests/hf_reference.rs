@@ -267,3 +267,56 @@ fn gemma2_matches_transformers() {
 fn mixtral_matches_transformers() {
     check_family("mixtral", Family::Mixtral);
 }
+
+/// Quantized experts are split out of their stacked 3-D tensor by bytes:
+/// a Q8_0 copy of the Mixtral GGUF computes, with its experts kept
+/// quantized, what the same file computes dequantized to f32.
+#[test]
+fn mixtral_quantized_experts_split_by_bytes_compute_as_dequantized() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let src = family_dir("mixtral").join("model.gguf");
+    let mut file = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut tensors = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let t = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+        let dense = t.dequantize(&Device::Cpu).unwrap();
+        let q = if name.contains("_exps") {
+            QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap()
+        } else {
+            t
+        };
+        tensors.push((name.clone(), q));
+    }
+    let dst = std::env::temp_dir().join(format!("sherpa-mixtral-q8-{}.gguf", std::process::id()));
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(&dst).unwrap(), &metadata, &refs).unwrap();
+
+    let files = ModelFiles::open(&dst).unwrap();
+    let want = expected(&family_dir("mixtral"));
+    let run = |precision| {
+        let head = ClientHead::load(&files, &Device::Cpu, precision).unwrap();
+        let shard = BlockShard::load(
+            &files,
+            BlockRange::new(0, 2).unwrap(),
+            &Device::Cpu,
+            precision,
+        )
+        .unwrap();
+        let mut cache = shard.new_session(64, &CacheBudget::unlimited()).unwrap();
+        let out = shard
+            .forward(&head.embed(&want.prompt).unwrap(), &mut cache)
+            .unwrap();
+        flat(&out)
+    };
+    let quantized = run(WeightPrecision::Native);
+    let dequantized = run(WeightPrecision::F32);
+    let err = relative_error(&quantized, &dequantized);
+    assert!(err <= TOLERANCE, "quantized experts off by {err:e}");
+    std::fs::remove_file(&dst).unwrap();
+}
