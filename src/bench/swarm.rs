@@ -168,7 +168,98 @@ pub async fn run_swarm(
     report: &mut (dyn FnMut(BenchRecord) + Send),
 ) -> Result<(), SherpaError> {
     hop_overhead(settings, report).await?;
-    distributed_decode(path, settings, report).await
+    distributed_decode(path, settings, report).await?;
+    petals_shape(settings, report).await
+}
+
+/// The shape Petals was measured on (28-31 ms per step, 32-36 steps/s): a
+/// Llama of hidden 256, 8 blocks (8 heads, FFN 688), vocabulary 1000, f32,
+/// split over 2 servers on loopback, one client generating greedily.
+/// Steps per second of decode.
+async fn petals_shape(
+    settings: &BenchSettings,
+    report: &mut (dyn FnMut(BenchRecord) + Send),
+) -> Result<(), SherpaError> {
+    let dir = std::env::temp_dir().join(format!("sherpa-bench-tiny-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|source| SherpaError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let file = dir.join("tiny-h256-l8.gguf");
+    let shape = swarm_shard::synth::SynthLlama {
+        hidden: 256,
+        blocks: 8,
+        heads: 8,
+        kv_heads: 8,
+        ffn: 688,
+        vocab: 1000,
+        context: 2048,
+        seed: 1,
+    };
+    shape.write_f32(&file)?;
+    let spans = BlockRange::split_evenly(8, 2)?;
+    let swarm = LocalSwarm::start_spans(
+        &file.to_string_lossy(),
+        ModelId::new("tiny-h256-l8")?,
+        &spans,
+    )
+    .await?;
+    let options = GenerateOptions::default()
+        .with_max_new_tokens(settings.new_tokens.max(16))
+        .with_stop_at_eos(false);
+    let prompt = [1u32, 17, 400, 23];
+    let local = {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || -> Result<LocalModel, SherpaError> {
+            let files = ModelFiles::open(&file)?;
+            Ok(LocalModel::load(
+                &files,
+                &[],
+                &Device::Cpu,
+                WeightPrecision::Native,
+            )?)
+        })
+        .await
+        .map_err(net)??
+    };
+    let local = Arc::new(local);
+    // A whole generation through the servers, then one locally, in turn.
+    let (mut through, mut here, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..=settings.repeats.max(1) {
+        let out = swarm
+            .client
+            .generate(&prompt, &options, &mut |_| true)
+            .await?;
+        let (model, opts) = (local.clone(), options.clone());
+        let l = tokio::task::spawn_blocking(move || {
+            model
+                .generate(&prompt, &opts, &mut |_| Ok(true))
+                .map(|o| o.decode_tokens_per_second())
+        })
+        .await
+        .map_err(net)??;
+        if round > 0 {
+            let s = out.output.decode_tokens_per_second();
+            through.push(s);
+            here.push(l);
+            ratios.push(s / l);
+        }
+    }
+    swarm.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    report(BenchRecord::plain(
+        "tiny_h256_l8_local_steps_per_s",
+        median(here),
+        "steps/s",
+    ));
+    report(BenchRecord {
+        name: "tiny_h256_l8_2servers_steps_per_s".into(),
+        value: median(through),
+        unit: "steps/s",
+        ratio: Some(median(ratios)),
+        target: None,
+    });
+    Ok(())
 }
 
 async fn hop_overhead(

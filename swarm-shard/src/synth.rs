@@ -97,25 +97,41 @@ impl SynthLlama {
     /// norms; returns its size in bytes. The same shape and seed always give
     /// the same file.
     pub fn write_q4_0(&self, path: &Path) -> Result<u64> {
+        self.write(path, false)
+    }
+
+    /// Writes the model with every tensor in f32 (weights uniform with the
+    /// same spread as [`SynthLlama::write_q4_0`]'s).
+    pub fn write_f32(&self, path: &Path) -> Result<u64> {
+        self.write(path, true)
+    }
+
+    fn write(&self, path: &Path, f32_weights: bool) -> Result<u64> {
         if self.heads == 0
             || !self.hidden.is_multiple_of(self.heads)
-            || !self.hidden.is_multiple_of(QK)
-            || !self.ffn.is_multiple_of(QK)
+            || !(f32_weights || (self.hidden.is_multiple_of(QK) && self.ffn.is_multiple_of(QK)))
             || self.kv_heads == 0
             || !self.heads.is_multiple_of(self.kv_heads)
         {
             return Err(ShardError::BadSettings(format!(
-                "a synthetic Llama needs widths divisible by {QK} and heads by key/value heads: {self:?}"
+                "a synthetic Llama needs heads divisible by key/value heads, and for Q4_0 widths divisible by {QK}: {self:?}"
             )));
         }
         let tensors = self.tensors();
         let entries: Vec<TensorEntry> = tensors
             .iter()
-            .map(|(name, shape, _)| TensorEntry {
-                name: name.clone(),
-                dtype: if shape.len() == 1 { "F32" } else { "Q4_0" }.into(),
-                shape: shape.clone(),
-                len: tensor_len(shape),
+            .map(|(name, shape, _)| {
+                let dense = f32_weights || shape.len() == 1;
+                TensorEntry {
+                    name: name.clone(),
+                    dtype: if dense { "F32" } else { "Q4_0" }.into(),
+                    shape: shape.clone(),
+                    len: if dense {
+                        shape.iter().product::<usize>() as u64 * 4
+                    } else {
+                        tensor_len(shape)
+                    },
+                }
             })
             .collect();
         let u32v = |v: usize| Value::U32(v as u32);
@@ -125,8 +141,11 @@ impl SynthLlama {
                 "general.name".into(),
                 Value::String(format!("synthetic-llama-{}x{}", self.blocks, self.hidden)),
             ),
-            // llama.cpp's file type MOSTLY_Q4_0.
-            ("general.file_type".into(), Value::U32(2)),
+            // llama.cpp's file types ALL_F32 and MOSTLY_Q4_0.
+            (
+                "general.file_type".into(),
+                Value::U32(if f32_weights { 0 } else { 2 }),
+            ),
             ("llama.block_count".into(), u32v(self.blocks)),
             ("llama.context_length".into(), u32v(self.context)),
             ("llama.embedding_length".into(), u32v(self.hidden)),
@@ -155,10 +174,22 @@ impl SynthLlama {
                 let ones: Vec<u8> = (0..shape[0]).flat_map(|_| 1f32.to_le_bytes()).collect();
                 return w.write_all(&ones).map_err(io);
             }
-            // Uniform 4-bit weights (q - 8) * d have a spread of 4.61 d.
-            let scale = half::f16::from_f32(sd / 4.61).to_le_bytes();
             let mut rng =
                 StdRng::seed_from_u64(self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            if f32_weights {
+                // Uniform on [-a, a] has a spread of a / sqrt(3).
+                let a = sd * 3f32.sqrt();
+                let n: usize = shape.iter().product();
+                let values: Vec<u8> = (0..n)
+                    .flat_map(|_| {
+                        let u = rng.next_u32() as f32 / u32::MAX as f32;
+                        ((u * 2.0 - 1.0) * a).to_le_bytes()
+                    })
+                    .collect();
+                return w.write_all(&values).map_err(io);
+            }
+            // Uniform 4-bit weights (q - 8) * d have a spread of 4.61 d.
+            let scale = half::f16::from_f32(sd / 4.61).to_le_bytes();
             let mut left = entries[i].len as usize;
             while left > 0 {
                 let n = left.min(buf.len());
@@ -204,6 +235,15 @@ mod tests {
             context: 64,
             seed: 5,
         };
+        let dense = dir.join("f32.gguf");
+        shape.write_f32(&dense).unwrap();
+        let files = ModelFiles::open(&dense).unwrap();
+        let model = LocalModel::load(&files, &[], &Device::Cpu, WeightPrecision::Native).unwrap();
+        let options = crate::GenerateOptions::default().with_max_new_tokens(2);
+        let out = model
+            .generate(&[1, 2], &options, &mut |_| Ok(true))
+            .unwrap();
+        assert!(out.first_logits.iter().all(|x| x.is_finite()));
         let (a, b) = (dir.join("a.gguf"), dir.join("b.gguf"));
         let bytes = shape.write_q4_0(&a).unwrap();
         shape.write_q4_0(&b).unwrap();
