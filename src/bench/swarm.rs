@@ -208,21 +208,7 @@ async fn petals_shape(
         .with_max_new_tokens(settings.new_tokens.max(16))
         .with_stop_at_eos(false);
     let prompt = [1u32, 17, 400, 23];
-    let local = {
-        let file = file.clone();
-        tokio::task::spawn_blocking(move || -> Result<LocalModel, SherpaError> {
-            let files = ModelFiles::open(&file)?;
-            Ok(LocalModel::load(
-                &files,
-                &[],
-                &Device::Cpu,
-                WeightPrecision::Native,
-            )?)
-        })
-        .await
-        .map_err(net)??
-    };
-    let local = Arc::new(local);
+    let local = load_local(&file).await?;
     // A whole generation through the servers, then one locally, in turn.
     let (mut through, mut here, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..=settings.repeats.max(1) {
@@ -230,14 +216,7 @@ async fn petals_shape(
             .client
             .generate(&prompt, &options, &mut |_| true)
             .await?;
-        let (model, opts) = (local.clone(), options.clone());
-        let l = tokio::task::spawn_blocking(move || {
-            model
-                .generate(&prompt, &opts, &mut |_| Ok(true))
-                .map(|o| o.decode_tokens_per_second())
-        })
-        .await
-        .map_err(net)??;
+        let l = local_decode_rate(&local, &prompt, &options).await?;
         if round > 0 {
             let s = out.output.decode_tokens_per_second();
             through.push(s);
@@ -326,27 +305,47 @@ async fn hop_overhead(
     Ok(())
 }
 
+/// The whole model at `path`, loaded off the runtime's threads.
+async fn load_local(path: &Path) -> Result<Arc<LocalModel>, SherpaError> {
+    let path = path.to_owned();
+    let model = tokio::task::spawn_blocking(move || -> Result<LocalModel, SherpaError> {
+        let files = ModelFiles::open(&path)?;
+        Ok(LocalModel::load(
+            &files,
+            &[],
+            &Device::Cpu,
+            WeightPrecision::Native,
+        )?)
+    })
+    .await
+    .map_err(net)??;
+    Ok(Arc::new(model))
+}
+
+/// Decode tokens/s of one whole local generation, off the runtime's threads.
+async fn local_decode_rate(
+    model: &Arc<LocalModel>,
+    prompt: &[u32],
+    options: &GenerateOptions,
+) -> Result<f64, SherpaError> {
+    let (model, prompt, options) = (model.clone(), prompt.to_vec(), options.clone());
+    tokio::task::spawn_blocking(move || {
+        model
+            .generate(&prompt, &options, &mut |_| Ok(true))
+            .map(|o| o.decode_tokens_per_second())
+    })
+    .await
+    .map_err(net)?
+    .map_err(Into::into)
+}
+
 async fn distributed_decode(
     path: &Path,
     settings: &BenchSettings,
     report: &mut (dyn FnMut(BenchRecord) + Send),
 ) -> Result<(), SherpaError> {
     let file = path.to_string_lossy().into_owned();
-    let local = {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || -> Result<LocalModel, SherpaError> {
-            let files = ModelFiles::open(&path)?;
-            Ok(LocalModel::load(
-                &files,
-                &[],
-                &Device::Cpu,
-                WeightPrecision::Native,
-            )?)
-        })
-        .await
-        .map_err(net)??
-    };
-    let local = Arc::new(local);
+    let local = load_local(path).await?;
     let swarm = LocalSwarm::start(&file, ModelId::new("bench-model")?, 3).await?;
     let client = &swarm.client;
     let options = GenerateOptions::default()
@@ -395,14 +394,7 @@ async fn distributed_decode(
         }
         let out = client.generate(&PROMPT, &options, &mut |_| true).await?;
         let s = out.output.decode_tokens_per_second();
-        let (model, opts) = (local.clone(), options.clone());
-        let l = tokio::task::spawn_blocking(move || {
-            model
-                .generate(&PROMPT, &opts, &mut |_| Ok(true))
-                .map(|o| o.decode_tokens_per_second())
-        })
-        .await
-        .map_err(net)??;
+        let l = local_decode_rate(&local, &PROMPT, &options).await?;
         if round > 0 {
             whole_through.push(s);
             whole_here.push(l);
