@@ -6,6 +6,7 @@
 
 use candle_core::{Module, Tensor};
 
+use crate::attention;
 use crate::config::{Activation, ModelConfig};
 use crate::error::Result;
 use crate::kv_cache::LayerKv;
@@ -261,6 +262,7 @@ impl Block {
         kv: &mut LayerKv,
         ctx: &StepContext<'_>,
     ) -> Result<Tensor> {
+        let _busy = crate::pool::busy();
         let (batch, seq, hidden) = xs.dims3()?;
         let residual = xs;
         let x = self.norm(xs, &self.attn_norm)?;
@@ -299,7 +301,11 @@ impl Block {
         // share a key/value head are adjacent, so fold them into the rows.
         let group = self.heads / self.kv_heads;
         let q = q.reshape((batch, self.kv_heads, group * seq, self.head_dim))?;
-        let att = (q.matmul(&k.t()?)? * self.attention_scale)?; // (batch, kv_heads, group * seq, total)
+        let att = match attention::scores(&q, &k)? {
+            Some(att) => att,
+            None => q.matmul(&k.t()?)?,
+        };
+        let att = (att * self.attention_scale)?; // (batch, kv_heads, group * seq, total)
         let att = match self.attn_softcap {
             Some(cap) => ((att / cap)?.tanh()? * cap)?,
             None => att,
@@ -308,8 +314,11 @@ impl Block {
             Some(mask) => att.broadcast_add(mask)?,
             None => att,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?; // (batch, kv_heads, group * seq, head_dim)
+        let att = attention::softmax_last_dim(&att)?;
+        let y = match attention::mix(&att, &v)? {
+            Some(y) => y,
+            None => att.matmul(&v.contiguous()?)?,
+        }; // (batch, kv_heads, group * seq, head_dim)
         let y = y
             .reshape((batch, self.heads, seq, self.head_dim))?
             .transpose(1, 2)?
@@ -353,7 +362,7 @@ impl Block {
     ) -> Result<Tensor> {
         let (batch, seq, hidden) = x.dims3()?;
         let rows = x.reshape((batch * seq, hidden))?;
-        let probs = candle_nn::ops::softmax_last_dim(&router.forward(&rows)?)?.to_vec2::<f32>()?;
+        let probs = attention::softmax_last_dim(&router.forward(&rows)?)?.to_vec2::<f32>()?;
         let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); experts.len()];
         for (row, p) in probs.iter().enumerate() {
             let mut order: Vec<usize> = (0..p.len()).collect();

@@ -36,6 +36,40 @@ pub fn built_with_simd() -> bool {
     ))
 }
 
+/// Best-of-three read of 256 MiB by every core at once (each sums its own
+/// slice), in bytes per second: what a decode step, which only reads its
+/// weights, can get from memory. A copy also writes, so it understates
+/// this. (Here rather than in the bench so that debug builds, which
+/// optimise the engine, measure it right.)
+pub fn memory_read_bandwidth() -> f64 {
+    use std::time::{Duration, Instant};
+    const BYTES: usize = 256 << 20;
+    let words: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = words.len().div_ceil(threads);
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            for part in words.chunks(chunk) {
+                scope.spawn(move || {
+                    // Eight independent lanes, so the sum is not one long
+                    // dependency chain and the compiler vectorizes it.
+                    let mut lanes = [0u64; 8];
+                    for c in std::hint::black_box(part).chunks_exact(8) {
+                        for (l, v) in lanes.iter_mut().zip(c) {
+                            *l = l.wrapping_add(*v);
+                        }
+                    }
+                    std::hint::black_box(lanes);
+                });
+            }
+        });
+        best = best.min(started.elapsed());
+    }
+    BYTES as f64 / best.as_secs_f64().max(1e-9)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

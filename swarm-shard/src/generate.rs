@@ -237,8 +237,13 @@ pub fn generate(
 ) -> Result<GenerationOutput> {
     let mut generator = Generator::new(head, prompt, options)?;
     while let Some(hidden) = generator.pending()? {
-        let hidden = pipeline.forward(&hidden)?;
-        let next = generator.advance(&hidden)?;
+        let next = {
+            // The whole step (every block and the head) is one computation:
+            // the kernels' workers spin through it.
+            let _busy = crate::pool::busy();
+            let hidden = pipeline.forward(&hidden)?;
+            generator.advance(&hidden)?
+        };
         if !on_token(next)? {
             generator.stop();
         }

@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+mod attention;
 mod block;
 mod config;
 pub mod cpu;
@@ -27,6 +28,7 @@ mod generate;
 mod head;
 mod kv_cache;
 mod linear;
+mod pool;
 mod rope;
 mod sampler;
 mod shard;
