@@ -8,6 +8,7 @@
 //! servers against local decode.
 
 pub mod swarm;
+pub mod wan;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -88,14 +89,34 @@ pub struct BenchSettings {
     pub new_tokens: usize,
     /// Measurements per figure; the median is reported.
     pub repeats: usize,
+    /// Sections to run (see [`SECTIONS`]); empty runs them all.
+    pub only: Vec<String>,
+    /// A llama.cpp `llama-bench` binary to measure side by side with local
+    /// decode and prefill (`scripts/build-llama-bench.sh` builds one).
+    pub llama_bench: Option<std::path::PathBuf>,
+}
+
+/// The sections of a run, in order: `local` (decode, prefill, bandwidth),
+/// `hop` (one hop against raw TCP), `swarm` (three servers against local),
+/// `petals` (the shape Petals was measured on), `wan` (three servers across
+/// an emulated WAN; needs root, skipped with a warning otherwise).
+pub const SECTIONS: [&str; 5] = ["local", "hop", "swarm", "petals", "wan"];
+
+impl BenchSettings {
+    /// Whether `section` is to run.
+    pub fn runs(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 impl Default for BenchSettings {
-    /// 64 tokens, 5 repeats.
+    /// 64 tokens, 5 repeats, every section, no llama.cpp.
     fn default() -> Self {
         Self {
             new_tokens: 64,
             repeats: 5,
+            only: Vec::new(),
+            llama_bench: None,
         }
     }
 }
@@ -109,8 +130,19 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Length of the long prompt whose prefill is measured.
+pub const LONG_PROMPT: usize = 512;
+
+/// A prompt of [`LONG_PROMPT`] tokens: the short prompt repeated, which is
+/// text-like enough for timing (prefill cost does not depend on the ids).
+pub fn long_prompt() -> Vec<u32> {
+    PROMPT.iter().copied().cycle().take(LONG_PROMPT).collect()
+}
+
 /// Measures the local engine on the model at `path`, calling `report` with
-/// each figure as soon as it is known.
+/// each figure as soon as it is known. With `settings.llama_bench`,
+/// llama.cpp's decode and 512-token prefill on the same file are measured
+/// in turn with ours.
 pub fn run_local(
     path: &Path,
     settings: &BenchSettings,
@@ -135,39 +167,92 @@ pub fn run_local(
     let options = GenerateOptions::default()
         .with_max_new_tokens(settings.new_tokens)
         .with_stop_at_eos(false);
-    let ours = || -> Result<(f64, f64), SherpaError> {
+    let prefill_only = GenerateOptions::default()
+        .with_max_new_tokens(1)
+        .with_stop_at_eos(false);
+    let long = long_prompt();
+    let ours = || -> Result<(f64, f64, f64), SherpaError> {
         let out = model.generate(&PROMPT, &options, &mut |_| Ok(true))?;
+        let long = model.generate(&long, &prefill_only, &mut |_| Ok(true))?;
         Ok((
             out.decode_tokens_per_second(),
             out.prefill_tokens_per_second(),
+            long.prefill_tokens_per_second(),
         ))
     };
     #[cfg(feature = "bench-baseline")]
     let mut baseline = baseline::CandleTransformers::load(path)?;
+    let llama = settings
+        .llama_bench
+        .as_deref()
+        .map(|bin| llama_cpp::LlamaBench::new(bin, path, settings.new_tokens));
 
     // Warm up caches and thread pools once on each side.
     ours()?;
     #[cfg(feature = "bench-baseline")]
     baseline.decode(&PROMPT, settings.new_tokens)?;
 
-    let mut our_decode = Vec::new();
-    let mut our_prefill = Vec::new();
+    let (mut our_decode, mut our_prefill, mut our_long) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut llama_decode, mut llama_long) = (Vec::new(), Vec::new());
     #[cfg(feature = "bench-baseline")]
     let mut their_decode = Vec::new();
     for _ in 0..settings.repeats.max(1) {
-        let (d, p) = ours()?;
+        let (d, p, l) = ours()?;
         our_decode.push(d);
         our_prefill.push(p);
+        our_long.push(l);
         #[cfg(feature = "bench-baseline")]
         their_decode.push(baseline.decode(&PROMPT, settings.new_tokens)?);
+        if let Some(llama) = &llama {
+            let (d, l) = llama.run()?;
+            llama_decode.push(d);
+            llama_long.push(l);
+        }
     }
     let decode = median(our_decode);
+    let long = median(our_long);
     report(BenchRecord::plain(
         "local_prefill_16",
         median(our_prefill),
         "tokens/s",
     ));
-    report(BenchRecord::plain("local_decode", decode, "tokens/s"));
+    report(BenchRecord::plain(
+        "local_decode_tokens_per_s",
+        decode,
+        "tokens/s",
+    ));
+    report(BenchRecord::plain(
+        "local_prefill512_tokens_per_s",
+        long,
+        "tokens/s",
+    ));
+    if llama.is_some() {
+        let (theirs, their_long) = (median(llama_decode), median(llama_long));
+        report(BenchRecord::plain(
+            "llama_cpp_decode_tokens_per_s",
+            theirs,
+            "tokens/s",
+        ));
+        report(BenchRecord {
+            name: "local_decode_vs_llama_cpp".into(),
+            value: decode,
+            unit: "tokens/s",
+            ratio: Some(decode / theirs),
+            target: Some(1.0),
+        });
+        report(BenchRecord::plain(
+            "llama_cpp_prefill512_tokens_per_s",
+            their_long,
+            "tokens/s",
+        ));
+        report(BenchRecord {
+            name: "local_prefill512_vs_llama_cpp".into(),
+            value: long,
+            unit: "tokens/s",
+            ratio: Some(long / their_long),
+            target: Some(1.0),
+        });
+    }
     #[cfg(feature = "bench-baseline")]
     {
         let theirs = median(their_decode);
@@ -191,7 +276,10 @@ pub fn run_local(
         bandwidth,
         "bytes/s",
     ));
-    let ceiling = bandwidth / bytes_per_token;
+    let read = swarm_shard::cpu::memory_read_bandwidth();
+    report(BenchRecord::plain("memory_read_bandwidth", read, "bytes/s"));
+    // Decode reads every weight once per token: the read bandwidth bounds it.
+    let ceiling = read / bytes_per_token;
     report(BenchRecord::plain(
         "decode_bandwidth_ceiling",
         ceiling,
@@ -220,6 +308,96 @@ fn copy_bandwidth() -> f64 {
         best = best.min(started.elapsed());
     }
     BYTES as f64 / best.as_secs_f64().max(1e-9)
+}
+
+mod llama_cpp {
+    //! llama.cpp's own benchmark, run as a child process on the same file.
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use crate::error::SherpaError;
+
+    pub(super) struct LlamaBench {
+        bin: PathBuf,
+        model: PathBuf,
+        tokens: usize,
+        threads: usize,
+    }
+
+    fn failed(msg: String) -> SherpaError {
+        SherpaError::Bench(format!("llama-bench: {msg}"))
+    }
+
+    impl LlamaBench {
+        pub(super) fn new(bin: &Path, model: &Path, tokens: usize) -> Self {
+            Self {
+                bin: bin.to_owned(),
+                model: model.to_owned(),
+                tokens,
+                threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            }
+        }
+
+        /// One measurement: (decode tokens/s, 512-token prefill tokens/s),
+        /// on as many threads as ours.
+        pub(super) fn run(&self) -> Result<(f64, f64), SherpaError> {
+            let out = Command::new(&self.bin)
+                .arg("-m")
+                .arg(&self.model)
+                .args(["-t", &self.threads.to_string()])
+                .args(["-p", &super::LONG_PROMPT.to_string()])
+                .args(["-n", &self.tokens.to_string()])
+                .args(["-r", "1", "-o", "json"])
+                .output()
+                .map_err(|e| failed(format!("cannot run {}: {e}", self.bin.display())))?;
+            if !out.status.success() {
+                return Err(failed(format!(
+                    "exited with {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            parse(&out.stdout, super::LONG_PROMPT, self.tokens)
+        }
+    }
+
+    /// Reads llama-bench's JSON: one entry per test, with `n_prompt`,
+    /// `n_gen` and `avg_ts` (tokens per second).
+    pub(super) fn parse(
+        json: &[u8],
+        prompt: usize,
+        tokens: usize,
+    ) -> Result<(f64, f64), SherpaError> {
+        let tests: Vec<serde_json::Value> =
+            serde_json::from_slice(json).map_err(|e| failed(format!("unreadable output: {e}")))?;
+        let rate = |n_prompt: usize, n_gen: usize| {
+            tests
+                .iter()
+                .find(|t| {
+                    t["n_prompt"].as_u64() == Some(n_prompt as u64)
+                        && t["n_gen"].as_u64() == Some(n_gen as u64)
+                })
+                .and_then(|t| t["avg_ts"].as_f64())
+                .ok_or_else(|| {
+                    failed(format!(
+                        "no result for {n_prompt} prompt and {n_gen} generated tokens"
+                    ))
+                })
+        };
+        Ok((rate(0, tokens)?, rate(prompt, 0)?))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn llama_bench_json_gives_decode_and_prefill() {
+            let json = br#"[{"n_prompt": 512, "n_gen": 0, "avg_ts": 201.5},
+                            {"n_prompt": 0, "n_gen": 64, "avg_ts": 104.9}]"#;
+            assert_eq!(super::parse(json, 512, 64).unwrap(), (104.9, 201.5));
+            assert!(super::parse(json, 512, 128).is_err());
+            assert!(super::parse(b"not json", 512, 64).is_err());
+        }
+    }
 }
 
 #[cfg(feature = "bench-baseline")]
@@ -282,6 +460,8 @@ mod baseline {
 swarm_core::with_setters!(BenchSettings {
     new_tokens: usize => with_new_tokens,
     repeats: usize => with_repeats,
+    only: Vec<String> => with_only,
+    llama_bench: Option<std::path::PathBuf> => with_llama_bench,
 });
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ pub enum SherpaError {
     /// The settings cannot work (a span too big for the memory limit, ...).
     #[error("{0}")]
     Config(String),
+    /// A benchmark's outside tool (llama-bench, network namespaces) failed.
+    #[error("bench: {0}")]
+    Bench(String),
     /// A model argument is neither a known name nor an existing path.
     #[error(
         "{arg:?} is neither a known model ({known}) nor an existing .gguf file or HF directory"

@@ -111,6 +111,15 @@ enum Command {
         /// Measurements per figure (the median is reported).
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// Run only these sections (comma-separated): local, hop, swarm, petals, wan.
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(sherpa_swarm::bench::SECTIONS))]
+        only: Vec<String>,
+        /// A llama.cpp `llama-bench` binary: its decode and 512-token prefill
+        /// on the same file, measured in turn with ours
+        /// (`bash scripts/build-llama-bench.sh` builds one) [default:
+        /// $SHERPA_LLAMA_BENCH].
+        #[arg(long)]
+        llama_bench: Option<PathBuf>,
     },
 }
 
@@ -369,7 +378,9 @@ fn main() -> ExitCode {
             json,
             tokens,
             repeats,
-        } => bench(json, tokens, repeats),
+            only,
+            llama_bench,
+        } => bench(json, tokens, repeats, only, llama_bench),
         Command::Tracker {
             listen,
             data_dir,
@@ -589,14 +600,24 @@ pub(crate) fn print_ids(ids: &[u32]) {
     eprintln!("ids: {}", ids.join(" "));
 }
 
-fn bench(json: bool, tokens: usize, repeats: usize) -> Result<(), SherpaError> {
+fn bench(
+    json: bool,
+    tokens: usize,
+    repeats: usize,
+    only: Vec<String>,
+    llama_bench: Option<PathBuf>,
+) -> Result<(), SherpaError> {
     let path = model_store::resolve_model(DEFAULT_MODEL, &mut fetch_progress())?;
     if !json && !cfg!(feature = "bench-baseline") {
         eprintln!("(built without feature bench-baseline: no candle-transformers side-by-side)");
     }
     let settings = sherpa_swarm::bench::BenchSettings::default()
         .with_new_tokens(tokens.max(2))
-        .with_repeats(repeats);
+        .with_repeats(repeats)
+        .with_only(only)
+        .with_llama_bench(
+            llama_bench.or_else(|| std::env::var_os("SHERPA_LLAMA_BENCH").map(PathBuf::from)),
+        );
     let mut print = move |record: sherpa_swarm::bench::BenchRecord| {
         let line = if json {
             record.to_json()
@@ -606,7 +627,9 @@ fn bench(json: bool, tokens: usize, repeats: usize) -> Result<(), SherpaError> {
         let mut stdout = std::io::stdout();
         let _ = writeln!(stdout, "{line}");
     };
-    sherpa_swarm::bench::run_local(&path, &settings, &mut print)?;
+    if settings.runs("local") {
+        sherpa_swarm::bench::run_local(&path, &settings, &mut print)?;
+    }
     network::runtime()?.block_on(sherpa_swarm::bench::swarm::run_swarm(
         &path, &settings, &mut print,
     ))
