@@ -573,3 +573,72 @@ async fn a_hundred_sessions_stay_within_one_servers_budget() {
     );
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_dropped_by_a_truncation_are_gone_from_every_hop_and_its_replacement() {
+    let mut swarm = Swarm::new("truncate").await;
+    let mut nodes = Vec::new();
+    for (i, (name, blocks)) in [
+        ("a1", range(0, 3)),
+        ("a2", range(0, 3)),
+        ("b1", range(3, 6)),
+        ("b2", range(3, 6)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        nodes.push((name, swarm.server(i as u8 + 1, name, blocks, 4).await));
+    }
+    let client = swarm.client(100).await;
+    let hidden = swarm.files.config().hidden_size;
+    let x = |seed: usize, n: usize| -> Vec<f32> {
+        (0..n * hidden)
+            .map(|i| (((seed * 7919 + i * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect()
+    };
+    // The reference: 4 prompt positions, one more, then the next one.
+    let mut plain = swarm.session(&client, 4, range(0, 6), short()).await;
+    plain.step(&x(1, 4)).await.unwrap();
+    plain.step(&x(2, 1)).await.unwrap();
+    let want = plain.step(&x(3, 1)).await.unwrap();
+    plain.close().await;
+
+    // The same, with three positions (drafts) after the fifth dropped.
+    let mut session = swarm.session(&client, 4, range(0, 6), short()).await;
+    session.step(&x(1, 4)).await.unwrap();
+    let mut drafts = x(2, 1);
+    drafts.extend(x(9, 3));
+    session.step(&drafts).await.unwrap();
+    assert_eq!(session.len(), 8);
+    session.truncate(5).await.unwrap();
+    assert_eq!(session.len(), 5);
+    let got = session.step(&x(3, 1)).await.unwrap();
+    assert_eq!(got, want, "as if the dropped positions never ran");
+
+    // Again, and then the second hop's server goes away: its replacement
+    // replays only what was kept, and the next step still matches.
+    let mut drafts = x(3, 1);
+    drafts.extend(x(11, 2));
+    session.truncate(5).await.unwrap();
+    session.step(&drafts).await.unwrap();
+    session.truncate(6).await.unwrap();
+    let victim = session.route()[1].name.clone();
+    let node = nodes
+        .iter()
+        .find(|(name, _)| *name == victim)
+        .map(|(_, n)| n.clone())
+        .unwrap();
+    node.shutdown().await;
+    let next = x(4, 1);
+    let got = session.step(&next).await.unwrap();
+    assert_eq!(session.failovers().len(), 1);
+    assert_eq!(session.failovers()[0].replayed_positions, 6);
+    let mut plain = swarm.session(&client, 4, range(0, 6), short()).await;
+    plain.step(&x(1, 4)).await.unwrap();
+    plain.step(&x(2, 1)).await.unwrap();
+    plain.step(&x(3, 1)).await.unwrap();
+    let want = plain.step(&next).await.unwrap();
+    assert_eq!(got, want, "the replacement holds exactly the kept positions");
+    plain.close().await;
+    session.close().await;
+}

@@ -124,6 +124,22 @@ impl LiveHop {
     }
 }
 
+/// Cuts a hop's stored step inputs (each a whole number of `hidden`-wide
+/// positions) down to the first `keep` positions.
+fn keep_positions(inputs: &mut Vec<Vec<f32>>, keep: usize, hidden: usize) {
+    let mut left = keep * hidden;
+    inputs.retain_mut(|step| {
+        if left == 0 {
+            return false;
+        }
+        if step.len() > left {
+            step.truncate(left);
+        }
+        left -= step.len();
+        true
+    });
+}
+
 /// Hidden states through a chain of servers, with failover.
 #[derive(Debug)]
 pub struct InferenceSession {
@@ -276,6 +292,49 @@ impl InferenceSession {
         }
         self.positions += n;
         Ok(x)
+    }
+
+    /// Forgets every position from `keep` on, in every hop's cache and in
+    /// the inputs kept for failover, so the next step starts at `keep`:
+    /// how a speculative step drops the drafts its check rejected. A hop
+    /// that fails meanwhile is replaced as in [`InferenceSession::step`],
+    /// with the kept inputs only.
+    pub async fn truncate(&mut self, keep: usize) -> Result<(), DhtError> {
+        if let Some(why) = &self.broken {
+            return Err(DhtError::NoRoute(format!(
+                "the session was lost earlier: {why}"
+            )));
+        }
+        if keep >= self.positions {
+            return Ok(());
+        }
+        let hidden = self.hidden;
+        for hop in &mut self.hops {
+            keep_positions(&mut hop.inputs, keep, hidden);
+        }
+        let keep_u32 = u32::try_from(keep).unwrap_or(u32::MAX);
+        let mut i = 0;
+        while i < self.hops.len() {
+            let timeout = self.options.step_timeout;
+            match self.hops[i]
+                .session
+                .truncate_within(keep_u32, timeout)
+                .await
+            {
+                Ok(()) => i += 1,
+                Err(DhtError::Stopped) => return Err(DhtError::Stopped),
+                // The replacement replays the kept inputs, so it holds
+                // `keep` already; truncating it again is harmless.
+                Err(e) => {
+                    if let Err(lost) = self.fail_over(i, e).await {
+                        self.broken = Some(lost.to_string());
+                        return Err(lost);
+                    }
+                }
+            }
+        }
+        self.positions = keep;
+        Ok(())
     }
 
     /// Closes every hop; the servers free their caches.
@@ -505,3 +564,24 @@ swarm_core::with_setters!(SessionOptions {
     max_failovers: usize => with_max_failovers,
     direct: bool => with_direct,
 });
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kept_inputs_are_the_first_positions() {
+        // Steps of 3, 1 and 2 positions, 2 values each.
+        let steps = vec![vec![1.0; 6], vec![2.0; 2], vec![3.0; 4]];
+        for (keep, want) in [
+            (6, vec![6, 2, 4]),
+            (5, vec![6, 2, 2]),
+            (4, vec![6, 2]),
+            (2, vec![4]),
+            (0, vec![]),
+        ] {
+            let mut inputs = steps.clone();
+            super::keep_positions(&mut inputs, keep, 2);
+            let lens: Vec<usize> = inputs.iter().map(Vec::len).collect();
+            assert_eq!(lens, want, "keep {keep}");
+        }
+    }
+}

@@ -646,6 +646,22 @@ impl RemoteSession {
             .map_err(|_| DhtError::Timeout("the server's step"))?
     }
 
+    /// Drops the server's cached positions from `keep` on, so the next
+    /// step starts at `keep` (the drafts a speculative step's check
+    /// rejected); after a timeout the session should be dropped.
+    pub async fn truncate_within(&mut self, keep: u32, timeout: Duration) -> Result<(), DhtError> {
+        let request = self.machine.truncate(keep)?;
+        let (machine, link) = (&mut self.machine, &mut self.link);
+        let work = async {
+            write_message(link, &request, None).await?;
+            let answer = read_message::<_, Response>(link).await?;
+            machine.truncated(answer).map_err(protocol_error)
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| DhtError::Timeout("the server's truncation"))?
+    }
+
     /// Ends the session; the server frees its cache.
     pub async fn close(mut self) -> Result<(), DhtError> {
         let close = self.machine.close();

@@ -21,6 +21,8 @@ pub struct ClientSession {
     len: u32,
     /// Positions of the step sent and not yet answered.
     pending: Option<usize>,
+    /// Positions kept by the truncation sent and not yet answered.
+    truncating: Option<u32>,
 }
 
 /// A step to send: the request and the shape of the frame that follows it.
@@ -50,6 +52,7 @@ impl ClientSession {
                     max_length: open.max_length,
                     len: 0,
                     pending: None,
+                    truncating: None,
                 };
                 Ok((session, direct))
             }
@@ -88,9 +91,9 @@ impl ClientSession {
                 self.len, self.max_length
             )));
         }
-        if self.pending.is_some() {
+        if self.pending.is_some() || self.truncating.is_some() {
             return Err(CoreError::Session(
-                "a step was sent before the last one was answered".into(),
+                "a step was sent before the last request was answered".into(),
             ));
         }
         self.pending = Some(n);
@@ -131,6 +134,39 @@ impl ClientSession {
         }
         self.len += n as u32;
         Ok(())
+    }
+
+    /// The request that drops the cached positions from `keep` on (the
+    /// drafts a speculative step's check rejected), so the next step
+    /// starts at `keep`.
+    pub fn truncate(&mut self, keep: u32) -> Result<Request, CoreError> {
+        if self.pending.is_some() || self.truncating.is_some() {
+            return Err(CoreError::Session(
+                "a truncation was sent before the last request was answered".into(),
+            ));
+        }
+        if keep > self.len {
+            return Err(CoreError::Session(format!(
+                "cannot keep {keep} positions of the {} cached",
+                self.len
+            )));
+        }
+        self.truncating = Some(keep);
+        Ok(Request::Truncate { keep })
+    }
+
+    /// The server's answer to the truncation sent.
+    pub fn truncated(&mut self, answer: Option<Response>) -> Result<(), CoreError> {
+        let Some(keep) = self.truncating.take() else {
+            return Err(CoreError::Session("an answer to no truncation".into()));
+        };
+        match answer {
+            Some(Response::Truncated) => {
+                self.len = keep;
+                Ok(())
+            }
+            other => Err(unexpected(other, "Truncated")),
+        }
     }
 
     /// The request that ends the session.
@@ -269,5 +305,40 @@ mod tests {
             message: "oom".into(),
         }));
         assert_eq!(err.unwrap_err(), CoreError::ServerFailed("oom".into()));
+    }
+
+    #[test]
+    fn a_truncation_moves_the_next_step_back() {
+        let mut s = session();
+        s.step(6).unwrap();
+        s.answered(Some(Response::Stepped { positions: 3 }))
+            .unwrap();
+        s.received(&[1, 3, 2]).unwrap();
+        assert!(s.truncate(4).is_err(), "more than it holds");
+        assert_eq!(s.truncate(1).unwrap(), Request::Truncate { keep: 1 });
+        assert!(s.step(4).is_err(), "a step before the answer");
+        s.truncated(Some(Response::Truncated)).unwrap();
+        assert_eq!(s.len(), 1);
+        let step = s.step(2).unwrap();
+        assert_eq!(
+            step.request,
+            Request::Step {
+                start: 1,
+                positions: 1
+            }
+        );
+        s.answered(Some(Response::Stepped { positions: 1 }))
+            .unwrap();
+        s.received(&[1, 1, 2]).unwrap();
+        // A refused truncation is an error and leaves the length alone.
+        s.truncate(0).unwrap();
+        assert!(s
+            .truncated(Some(Response::Stepped { positions: 1 }))
+            .is_err());
+        assert_eq!(s.len(), 2);
+        assert!(
+            s.truncated(Some(Response::Truncated)).is_err(),
+            "nothing pending"
+        );
     }
 }
