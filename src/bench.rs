@@ -130,6 +130,12 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// A request whose reply quotes it: what speculative decoding is measured
+/// on (drafts come from the text so far).
+pub const QUOTE: &str = "Copy this text exactly, word for word: \"The mountain guide led the \
+    travellers over the pass at dawn, and by noon they could see the valley below, green \
+    and quiet under the snow.\"";
+
 /// Length of the long prompt whose prefill is measured.
 pub const LONG_PROMPT: usize = 512;
 

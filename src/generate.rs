@@ -64,9 +64,17 @@ pub async fn generate(
             None => x,
         };
         let out = forward(session, &x).await?;
-        let next = generator.advance(&out)?;
-        if !on_token(next)? {
-            generator.stop();
+        let step = generator.advance_step(&out)?;
+        // Rejected drafts leave every cache, here and on the servers.
+        if let Some(l) = local.as_deref_mut() {
+            l.cache.truncate(step.keep);
+        }
+        session.truncate(step.keep)?;
+        for next in step.tokens {
+            if !on_token(next)? {
+                generator.stop();
+                break;
+            }
         }
     }
     Ok(generator.finish())

@@ -610,7 +610,7 @@ async fn positions_dropped_by_a_truncation_are_gone_from_every_hop_and_its_repla
     drafts.extend(x(9, 3));
     session.step(&drafts).await.unwrap();
     assert_eq!(session.len(), 8);
-    session.truncate(5).await.unwrap();
+    session.truncate(5).unwrap();
     assert_eq!(session.len(), 5);
     let got = session.step(&x(3, 1)).await.unwrap();
     assert_eq!(got, want, "as if the dropped positions never ran");
@@ -619,9 +619,9 @@ async fn positions_dropped_by_a_truncation_are_gone_from_every_hop_and_its_repla
     // replays only what was kept, and the next step still matches.
     let mut drafts = x(3, 1);
     drafts.extend(x(11, 2));
-    session.truncate(5).await.unwrap();
+    session.truncate(5).unwrap();
     session.step(&drafts).await.unwrap();
-    session.truncate(6).await.unwrap();
+    session.truncate(6).unwrap();
     let victim = session.route()[1].name.clone();
     let node = nodes
         .iter()
@@ -638,7 +638,10 @@ async fn positions_dropped_by_a_truncation_are_gone_from_every_hop_and_its_repla
     plain.step(&x(2, 1)).await.unwrap();
     plain.step(&x(3, 1)).await.unwrap();
     let want = plain.step(&next).await.unwrap();
-    assert_eq!(got, want, "the replacement holds exactly the kept positions");
+    assert_eq!(
+        got, want,
+        "the replacement holds exactly the kept positions"
+    );
     plain.close().await;
     session.close().await;
 }

@@ -296,10 +296,10 @@ impl InferenceSession {
 
     /// Forgets every position from `keep` on, in every hop's cache and in
     /// the inputs kept for failover, so the next step starts at `keep`:
-    /// how a speculative step drops the drafts its check rejected. A hop
-    /// that fails meanwhile is replaced as in [`InferenceSession::step`],
-    /// with the kept inputs only.
-    pub async fn truncate(&mut self, keep: usize) -> Result<(), DhtError> {
+    /// how a speculative step drops the drafts its check rejected. Each
+    /// hop's truncation travels with the next step (no round trip of its
+    /// own); a hop that fails then is replaced from the kept inputs only.
+    pub fn truncate(&mut self, keep: usize) -> Result<(), DhtError> {
         if let Some(why) = &self.broken {
             return Err(DhtError::NoRoute(format!(
                 "the session was lost earlier: {why}"
@@ -308,30 +308,11 @@ impl InferenceSession {
         if keep >= self.positions {
             return Ok(());
         }
-        let hidden = self.hidden;
+        let keep_u32 = u32::try_from(keep)
+            .map_err(|_| DhtError::NoRoute(format!("{keep} positions is past any session")))?;
         for hop in &mut self.hops {
-            keep_positions(&mut hop.inputs, keep, hidden);
-        }
-        let keep_u32 = u32::try_from(keep).unwrap_or(u32::MAX);
-        let mut i = 0;
-        while i < self.hops.len() {
-            let timeout = self.options.step_timeout;
-            match self.hops[i]
-                .session
-                .truncate_within(keep_u32, timeout)
-                .await
-            {
-                Ok(()) => i += 1,
-                Err(DhtError::Stopped) => return Err(DhtError::Stopped),
-                // The replacement replays the kept inputs, so it holds
-                // `keep` already; truncating it again is harmless.
-                Err(e) => {
-                    if let Err(lost) = self.fail_over(i, e).await {
-                        self.broken = Some(lost.to_string());
-                        return Err(lost);
-                    }
-                }
-            }
+            keep_positions(&mut hop.inputs, keep, self.hidden);
+            hop.session.truncate(keep_u32)?;
         }
         self.positions = keep;
         Ok(())

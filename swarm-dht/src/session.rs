@@ -503,6 +503,8 @@ pub struct RemoteSession {
     link: Link,
     machine: ClientSession,
     timeout: Duration,
+    /// A truncation to send ahead of the next step, in the same flight.
+    queued: Option<Request>,
 }
 
 impl std::fmt::Debug for RemoteSession {
@@ -594,6 +596,7 @@ impl RemoteSession {
             link,
             machine,
             timeout,
+            queued: None,
         })
     }
 
@@ -631,10 +634,18 @@ impl RemoteSession {
         timeout: Duration,
     ) -> Result<Vec<f32>, DhtError> {
         let step = self.machine.step(hidden_states.len())?;
+        let truncate = self.queued.take();
         let (machine, link) = (&mut self.machine, &mut self.link);
         let work = async {
+            if let Some(truncate) = &truncate {
+                write_message(link, truncate, None).await?;
+            }
             write_tensor_message(link, &step.request, hidden_states, &step.dims, step.dtype)
                 .await?;
+            if truncate.is_some() {
+                let answer = read_message::<_, Response>(link).await?;
+                machine.truncated(answer).map_err(protocol_error)?;
+            }
             let answer = read_message::<_, Response>(link).await?;
             let most = machine.answered(answer).map_err(protocol_error)?;
             let (dims, values) = read_frame(link, most).await?;
@@ -648,18 +659,19 @@ impl RemoteSession {
 
     /// Drops the server's cached positions from `keep` on, so the next
     /// step starts at `keep` (the drafts a speculative step's check
-    /// rejected); after a timeout the session should be dropped.
-    pub async fn truncate_within(&mut self, keep: u32, timeout: Duration) -> Result<(), DhtError> {
-        let request = self.machine.truncate(keep)?;
-        let (machine, link) = (&mut self.machine, &mut self.link);
-        let work = async {
-            write_message(link, &request, None).await?;
-            let answer = read_message::<_, Response>(link).await?;
-            machine.truncated(answer).map_err(protocol_error)
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| DhtError::Timeout("the server's truncation"))?
+    /// rejected). Nothing is sent until that step, which carries the
+    /// truncation ahead of it: no round trip of its own.
+    pub fn truncate(&mut self, keep: u32) -> Result<(), DhtError> {
+        if keep >= self.machine.len() && self.queued.is_none() {
+            return Ok(());
+        }
+        if self.queued.is_some() {
+            return Err(protocol_error(swarm_core::CoreError::Session(
+                "a truncation is already waiting for the next step".into(),
+            )));
+        }
+        self.queued = Some(self.machine.truncate(keep)?);
+        Ok(())
     }
 
     /// Ends the session; the server frees its cache.

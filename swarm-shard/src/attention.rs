@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::linear::{par_chunks, simd};
 
 /// Most query rows (per key/value head) computed here.
-pub(crate) const MAX_QUERY_ROWS: usize = 16;
+pub(crate) const MAX_QUERY_ROWS: usize = 64;
 
 /// Multiply-adds below which one thread does it all.
 const PARALLEL_WORK: usize = 1 << 16;

@@ -21,6 +21,11 @@ use crate::weights::{ModelFiles, WeightPrecision};
 pub trait BlockPipeline {
     /// Runs all blocks on the next positions, (1, seq, hidden) in and out.
     fn forward(&mut self, hidden: &Tensor) -> Result<Tensor>;
+
+    /// Forgets every position from `keep` on, so the next positions run
+    /// from `keep` (the drafts of a speculative step that its check
+    /// rejected).
+    fn truncate(&mut self, keep: usize) -> Result<()>;
 }
 
 /// Local shards run one after another in this process.
@@ -67,6 +72,13 @@ impl BlockPipeline for LocalPipeline {
         }
         Ok(xs)
     }
+
+    fn truncate(&mut self, keep: usize) -> Result<()> {
+        for (_, cache) in &mut self.stages {
+            cache.truncate(keep);
+        }
+        Ok(())
+    }
 }
 
 /// Settings of one generation.
@@ -79,15 +91,24 @@ pub struct GenerateOptions {
     pub sampling: SamplingConfig,
     /// Stop at the model's end-of-sequence tokens.
     pub stop_at_eos: bool,
+    /// Speculative decoding: up to this many tokens drafted per step (0:
+    /// off). Drafts come from the text so far (the continuation of the
+    /// last place its latest words appeared, as when a reply quotes its
+    /// prompt); one step runs them all, and the longest run the model
+    /// agrees with is kept, so the output is what decoding one token at a
+    /// time gives. Only for deterministic choice (temperature 0); with
+    /// random sampling no drafts are made.
+    pub draft_tokens: usize,
 }
 
 impl Default for GenerateOptions {
-    /// 64 greedy tokens, stopping at end-of-sequence.
+    /// 64 greedy tokens, stopping at end-of-sequence, no drafts.
     fn default() -> Self {
         Self {
             max_new_tokens: 64,
             sampling: SamplingConfig::greedy(),
             stop_at_eos: true,
+            draft_tokens: 0,
         }
     }
 }
@@ -107,9 +128,21 @@ pub struct GenerationOutput {
     pub decode: Duration,
     /// Whether generation ended on an end-of-sequence token.
     pub hit_eos: bool,
+    /// Steps run after the prompt's (each chose one token, plus the
+    /// drafts it accepted).
+    pub decode_steps: usize,
+    /// Drafted tokens sent, and those the model agreed with.
+    pub drafts_sent: usize,
+    /// See `drafts_sent`.
+    pub drafts_accepted: usize,
 }
 
 impl GenerationOutput {
+    /// Tokens chosen per decode step (1 without speculative decoding).
+    pub fn tokens_per_step(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode_steps.max(1) as f64
+    }
+
     /// Prompt tokens processed per second.
     pub fn prefill_tokens_per_second(&self) -> f64 {
         self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
@@ -142,6 +175,33 @@ pub struct Generator<'h> {
     prefill: Duration,
     hit_eos: bool,
     done: bool,
+    /// Most drafts per step (0 when off or sampling is random).
+    draft_tokens: usize,
+    /// Drafts riding on the pending step, after `input`.
+    drafts: Vec<u32>,
+    /// Positions the blocks' caches hold before the pending step.
+    cached: usize,
+    /// Positions the caller may hold at most (prompt + new tokens, within
+    /// the model's context).
+    capacity: usize,
+    decode_steps: usize,
+    drafts_sent: usize,
+    drafts_accepted: usize,
+}
+
+/// Most drafts per step: a step of up to 8 positions goes through the
+/// fused kernels, which give each position exactly what it gets alone, so
+/// speculative output is bit for bit one-at-a-time output.
+pub const MAX_DRAFTS: usize = 7;
+
+/// What a step chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advance {
+    /// The tokens chosen: one, plus the drafts the model agreed with.
+    pub tokens: Vec<u32>,
+    /// Positions the blocks' caches must keep ([`BlockPipeline::truncate`]);
+    /// more were run when drafts were rejected.
+    pub keep: usize,
 }
 
 impl<'h> Generator<'h> {
@@ -164,43 +224,141 @@ impl<'h> Generator<'h> {
             prefill: Duration::ZERO,
             hit_eos: false,
             done: options.max_new_tokens == 0,
+            draft_tokens: if options.sampling.temperature == 0.0 {
+                options.draft_tokens.min(MAX_DRAFTS)
+            } else {
+                0
+            },
+            drafts: Vec::new(),
+            cached: 0,
+            capacity: (prompt.len() + options.max_new_tokens)
+                .min(head.config().max_position_embeddings),
+            decode_steps: 0,
+            drafts_sent: 0,
+            drafts_accepted: 0,
         })
     }
 
     /// Embeddings (1, positions, hidden) of the positions to run next: the
-    /// whole prompt first, then the last chosen token; `None` when done.
+    /// whole prompt first, then the last chosen token and any drafts;
+    /// `None` when done.
     pub fn pending(&self) -> Result<Option<Tensor>> {
         if self.done {
             return Ok(None);
         }
-        self.head.embed(&self.input).map(Some)
+        if self.drafts.is_empty() {
+            return self.head.embed(&self.input).map(Some);
+        }
+        let mut ids = self.input.clone();
+        ids.extend(&self.drafts);
+        self.head.embed(&ids).map(Some)
     }
 
     /// Takes the blocks' output for the pending positions and returns the
-    /// token chosen next.
+    /// token chosen next. Without drafts only (see [`Generator::advance_step`]).
     pub fn advance(&mut self, hidden: &Tensor) -> Result<u32> {
+        if !self.drafts.is_empty() {
+            return Err(ShardError::BadSettings(
+                "the pending step carries drafts: use advance_step".into(),
+            ));
+        }
+        let step = self.advance_step(hidden)?;
+        step.tokens
+            .last()
+            .copied()
+            .ok_or_else(|| ShardError::BadSettings("a step chose no token".into()))
+    }
+
+    /// Takes the blocks' output for the pending positions (the last token
+    /// and its drafts): the tokens chosen, one per position for as long as
+    /// each matches the draft after it, and how many positions the caches
+    /// keep. The tokens are those one-at-a-time decoding chooses.
+    pub fn advance_step(&mut self, hidden: &Tensor) -> Result<Advance> {
         if self.done {
             return Err(ShardError::BadSettings(
                 "the generation has ended; nothing is pending".into(),
             ));
         }
-        let logits = self.head.logits(hidden)?;
-        let next = self.sampler.sample(&logits, &self.history)?;
-        if self.tokens.is_empty() {
-            self.first_logits = logits;
-            self.prefill = self.started.elapsed();
+        let run = self.input.len() + self.drafts.len();
+        let (_, seq, _) = hidden.dims3()?;
+        if seq != run {
+            return Err(ShardError::BadSettings(format!(
+                "{seq} positions came back for {run} sent"
+            )));
         }
-        self.tokens.push(next);
-        self.history.push(next);
-        self.input = vec![next];
-        if self.stop_at_eos && self.head.config().eos_token_ids.contains(&next) {
-            self.hit_eos = true;
-            self.done = true;
+        let first = self.tokens.is_empty();
+        if !first {
+            self.decode_steps += 1;
         }
-        if self.tokens.len() >= self.max_new_tokens {
-            self.done = true;
+        // Logits for the last token's position and each draft's: position
+        // j predicts what follows it.
+        let logits = if self.drafts.is_empty() {
+            vec![self.head.logits(hidden)?]
+        } else {
+            let from = seq - 1 - self.drafts.len();
+            self.head.logits_from(hidden, from)?
+        };
+        let drafts = std::mem::take(&mut self.drafts);
+        self.drafts_sent += drafts.len();
+        let mut chosen = Vec::new();
+        for (j, logits) in logits.into_iter().enumerate() {
+            let next = self.sampler.sample(&logits, &self.history)?;
+            if first {
+                self.first_logits = logits;
+                self.prefill = self.started.elapsed();
+            }
+            chosen.push(next);
+            self.tokens.push(next);
+            self.history.push(next);
+            if self.stop_at_eos && self.head.config().eos_token_ids.contains(&next) {
+                self.hit_eos = true;
+                self.done = true;
+            }
+            if self.tokens.len() >= self.max_new_tokens {
+                self.done = true;
+            }
+            if self.done || drafts.get(j) != Some(&next) {
+                break;
+            }
+            self.drafts_accepted += 1;
         }
-        Ok(next)
+        // The inputs kept: the positions before, the last token, and each
+        // accepted draft (the last chosen token is the next input).
+        let keep = self.cached + self.input.len() + chosen.len() - 1;
+        self.cached = keep;
+        self.input = vec![*chosen.last().unwrap_or(&0)];
+        if !self.done {
+            self.drafts = self.draft();
+        }
+        Ok(Advance {
+            tokens: chosen,
+            keep,
+        })
+    }
+
+    /// Drafts for the next step: what followed the latest earlier place
+    /// where the text's last 3 (else 2, else 1) tokens appeared, capped so
+    /// the step never runs past the tokens still wanted or the context.
+    fn draft(&self) -> Vec<u32> {
+        let wanted = self.max_new_tokens.saturating_sub(self.tokens.len());
+        // After the step the caches hold history + drafts positions.
+        let room = self.capacity.saturating_sub(self.history.len());
+        let most = self.draft_tokens.min(wanted.saturating_sub(1)).min(room);
+        if most == 0 {
+            return Vec::new();
+        }
+        let h = &self.history;
+        for n in (1..=3usize).rev() {
+            if h.len() <= n {
+                continue;
+            }
+            let tail = &h[h.len() - n..];
+            if let Some(start) = (0..h.len() - n).rev().find(|&s| &h[s..s + n] == tail) {
+                let follow = &h[start + n..];
+                return follow[..most.min(follow.len())].to_vec();
+            }
+        }
+        Vec::new()
     }
 
     /// Ends the generation early.
@@ -222,6 +380,9 @@ impl<'h> Generator<'h> {
             prompt_tokens: self.prompt_tokens,
             prefill: self.prefill,
             hit_eos: self.hit_eos,
+            decode_steps: self.decode_steps,
+            drafts_sent: self.drafts_sent,
+            drafts_accepted: self.drafts_accepted,
         }
     }
 }
@@ -237,15 +398,20 @@ pub fn generate(
 ) -> Result<GenerationOutput> {
     let mut generator = Generator::new(head, prompt, options)?;
     while let Some(hidden) = generator.pending()? {
-        let next = {
+        let step = {
             // The whole step (every block and the head) is one computation:
             // the kernels' workers spin through it.
             let _busy = crate::pool::busy();
             let hidden = pipeline.forward(&hidden)?;
-            generator.advance(&hidden)?
+            let step = generator.advance_step(&hidden)?;
+            pipeline.truncate(step.keep)?;
+            step
         };
-        if !on_token(next)? {
-            generator.stop();
+        for next in step.tokens {
+            if !on_token(next)? {
+                generator.stop();
+                break;
+            }
         }
     }
     Ok(generator.finish())
@@ -311,4 +477,5 @@ swarm_core::with_setters!(GenerateOptions {
     max_new_tokens: usize => with_max_new_tokens,
     sampling: SamplingConfig => with_sampling,
     stop_at_eos: bool => with_stop_at_eos,
+    draft_tokens: usize => with_draft_tokens,
 });

@@ -118,14 +118,29 @@ impl ClientHead {
     /// then the LM head. Returns a vocabulary-sized vector.
     pub fn logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
         let (_b, seq, _h) = hidden.dims3()?;
-        let last = hidden.i((.., seq - 1.., ..))?.contiguous()?;
+        let mut all = self.logits_from(hidden, seq.saturating_sub(1))?;
+        all.pop()
+            .ok_or_else(|| ShardError::BadSettings("no position to take logits of".into()))
+    }
+
+    /// Logits for each position of `hidden` (1, seq, hidden) from `from`
+    /// on, in one pass of the LM head (a speculative step's check). Each
+    /// row is what [`ClientHead::logits`] gives for that position alone.
+    pub fn logits_from(&self, hidden: &Tensor, from: usize) -> Result<Vec<Vec<f32>>> {
+        let (_b, seq, _h) = hidden.dims3()?;
+        if from >= seq {
+            return Err(ShardError::BadSettings(format!(
+                "logits from position {from} of {seq}"
+            )));
+        }
+        let rows = hidden.i((.., from.., ..))?.contiguous()?;
         let normed =
-            candle_nn::ops::rms_norm(&last, &self.final_norm, self.config.rms_norm_eps as f32)?;
-        let logits = self.lm_head.forward(&normed)?; // (1, 1, vocab)
+            candle_nn::ops::rms_norm(&rows, &self.final_norm, self.config.rms_norm_eps as f32)?;
+        let logits = self.lm_head.forward(&normed)?; // (1, rows, vocab)
         let logits = match self.config.final_logit_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,
         };
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        Ok(logits.squeeze(0)?.to_vec2::<f32>()?)
     }
 }

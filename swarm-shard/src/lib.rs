@@ -44,8 +44,8 @@ pub use config::{Activation, Experts, Family, ModelConfig, RopeLayout};
 pub use digest::{BlockDigest, Manifest};
 pub use error::{Result, ShardError};
 pub use generate::{
-    generate, BlockPipeline, GenerateOptions, GenerationOutput, Generator, LocalModel,
-    LocalPipeline,
+    generate, Advance, BlockPipeline, GenerateOptions, GenerationOutput, Generator, LocalModel,
+    LocalPipeline, MAX_DRAFTS,
 };
 pub use head::ClientHead;
 pub use kv_cache::{CacheBudget, CacheReservation, SessionCache};

@@ -285,6 +285,11 @@ struct GenerateArgs {
     /// Seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Speculative decoding: draft up to N tokens per step from the text so
+    /// far and keep those the model agrees with (at most 7; greedy only).
+    /// The same output in fewer steps when the reply repeats its prompt.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=7))]
+    draft: u8,
     /// Tokenize the prompt as-is: no chat template, no added special tokens.
     #[arg(long)]
     raw: bool,
@@ -540,7 +545,8 @@ fn generate(args: GenerateArgs) -> Result<(), SherpaError> {
     let options = GenerateOptions::default()
         .with_max_new_tokens(args.max_new_tokens)
         .with_sampling(sampling(&args))
-        .with_stop_at_eos(true);
+        .with_stop_at_eos(true)
+        .with_draft_tokens(usize::from(args.draft));
     if args.tracker.is_some() || args.lan {
         return network::generate(&args, options);
     }
@@ -584,6 +590,12 @@ fn run_and_print(
     if show_ids {
         print_ids(&out.tokens);
     }
+    print_timings(&out);
+    Ok(())
+}
+
+/// The timing line on stderr (and, with drafts, how many were taken).
+pub(crate) fn print_timings(out: &sherpa_swarm::GenerationOutput) {
     eprintln!(
         "{} prompt tokens at {:.1} tokens/s, {} generated at {:.1} tokens/s",
         out.prompt_tokens,
@@ -591,7 +603,14 @@ fn run_and_print(
         out.tokens.len(),
         out.decode_tokens_per_second()
     );
-    Ok(())
+    if out.drafts_sent > 0 {
+        eprintln!(
+            "drafts: {} of {} accepted, {:.2} tokens per step",
+            out.drafts_accepted,
+            out.drafts_sent,
+            out.tokens_per_step()
+        );
+    }
 }
 
 /// The line `--ids` adds to stderr.

@@ -507,14 +507,7 @@ async fn run_distributed(
             f.replayed_positions
         );
     }
-    let o = &out.output;
-    eprintln!(
-        "{} prompt tokens at {:.1} tokens/s, {} generated at {:.1} tokens/s",
-        o.prompt_tokens,
-        o.prefill_tokens_per_second(),
-        o.tokens.len(),
-        o.decode_tokens_per_second()
-    );
+    crate::print_timings(&out.output);
     Ok(())
 }
 

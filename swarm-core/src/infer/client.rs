@@ -85,21 +85,24 @@ impl ClientSession {
                 "{values} values are not whole positions of {hidden}"
             )));
         }
-        if self.len as usize + n > self.max_length as usize {
+        // A truncation sent and not yet answered is answered first: the
+        // step follows it in the same flight.
+        let start = self.truncating.unwrap_or(self.len);
+        if start as usize + n > self.max_length as usize {
             return Err(CoreError::Session(format!(
-                "a step of {n} positions after {} runs past the session's {} positions",
-                self.len, self.max_length
+                "a step of {n} positions after {start} runs past the session's {} positions",
+                self.max_length
             )));
         }
-        if self.pending.is_some() || self.truncating.is_some() {
+        if self.pending.is_some() {
             return Err(CoreError::Session(
-                "a step was sent before the last request was answered".into(),
+                "a step was sent before the last one was answered".into(),
             ));
         }
         self.pending = Some(n);
         Ok(OutgoingStep {
             request: Request::Step {
-                start: self.len,
+                start,
                 positions: n as u32,
             },
             dims: [1, n, hidden],
@@ -113,6 +116,11 @@ impl ClientSession {
         let Some(n) = self.pending else {
             return Err(CoreError::Session("an answer to no step".into()));
         };
+        if self.truncating.is_some() {
+            return Err(CoreError::Session(
+                "a step's answer read before the truncation's".into(),
+            ));
+        }
         match answer {
             Some(Response::Stepped { positions }) if positions as usize == n => Ok(n * self.hidden),
             other => {
@@ -138,7 +146,8 @@ impl ClientSession {
 
     /// The request that drops the cached positions from `keep` on (the
     /// drafts a speculative step's check rejected), so the next step
-    /// starts at `keep`.
+    /// starts at `keep`. A step may be sent right after it, before its
+    /// answer (which then comes first): one round trip for both.
     pub fn truncate(&mut self, keep: u32) -> Result<Request, CoreError> {
         if self.pending.is_some() || self.truncating.is_some() {
             return Err(CoreError::Session(
@@ -316,9 +325,9 @@ mod tests {
         s.received(&[1, 3, 2]).unwrap();
         assert!(s.truncate(4).is_err(), "more than it holds");
         assert_eq!(s.truncate(1).unwrap(), Request::Truncate { keep: 1 });
-        assert!(s.step(4).is_err(), "a step before the answer");
-        s.truncated(Some(Response::Truncated)).unwrap();
-        assert_eq!(s.len(), 1);
+        assert!(s.truncate(0).is_err(), "one truncation at a time");
+        // The next step goes out before the truncation is answered, and
+        // starts where it leaves the cache.
         let step = s.step(2).unwrap();
         assert_eq!(
             step.request,
@@ -327,6 +336,13 @@ mod tests {
                 positions: 1
             }
         );
+        assert!(
+            s.answered(Some(Response::Stepped { positions: 1 }))
+                .is_err(),
+            "the truncation is answered first"
+        );
+        s.truncated(Some(Response::Truncated)).unwrap();
+        assert_eq!(s.len(), 1);
         s.answered(Some(Response::Stepped { positions: 1 }))
             .unwrap();
         s.received(&[1, 1, 2]).unwrap();
