@@ -237,6 +237,7 @@ async fn misbehave(mut stream: swarm_dht::Stream, hidden: usize, bad: Bad) {
         hidden: hidden as u32,
         cache_tokens_free: 1 << 20,
         direct: None,
+        push: None,
     };
     write_message(&mut stream, &opened, None).await.unwrap();
     while let Ok(Some(Request::Step { positions, .. })) = read_message(&mut stream).await {
@@ -264,6 +265,17 @@ async fn misbehave(mut stream: swarm_dht::Stream, hidden: usize, bad: Bad) {
 }
 
 /// Sessions of 64 positions (the tiny model has 512).
+/// Stops `node` and waits until it has: shutdown() only asks, and a step
+/// sent meanwhile (a pushed one gets there soonest) could still be served.
+async fn stop(node: &Node) {
+    node.shutdown().await;
+    while node.listen_addrs().await.is_ok() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its sessions' tasks end at their next wake-up.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 fn short() -> SessionOptions {
     SessionOptions::default().with_max_length(64)
 }
@@ -295,9 +307,13 @@ async fn a_chain_of_servers_generates_what_the_local_model_does() {
     let head = ClientHead::load(&swarm.files, &Device::Cpu, WeightPrecision::Native).unwrap();
     let want = local_tokens(&swarm.files, 24);
 
-    for dtype in [Dtype::F32, Dtype::F16] {
-        let opts = short().with_max_length(64).with_dtype(dtype);
+    for (dtype, push) in [(Dtype::F32, true), (Dtype::F16, true), (Dtype::F32, false)] {
+        let opts = short()
+            .with_max_length(64)
+            .with_dtype(dtype)
+            .with_push(push);
         let mut session = swarm.session(&client, 3, range(0, 6), opts).await;
+        assert_eq!(session.is_pushing(), push, "servers on loopback push");
         let route: Vec<_> = session.route().iter().map(|s| s.name.clone()).collect();
         assert_eq!(route, ["a", "b", "c"]);
         let mut streamed = Vec::new();
@@ -314,7 +330,7 @@ async fn a_chain_of_servers_generates_what_the_local_model_does() {
         )
         .await
         .unwrap();
-        assert_eq!(got.tokens, want, "{dtype:?} through 3 servers");
+        assert_eq!(got.tokens, want, "{dtype:?} through 3 servers, push {push}");
         assert_eq!(streamed, want);
         assert!(session.failovers().is_empty());
         assert_eq!(session.len(), PROMPT.len() + 23);
@@ -368,6 +384,7 @@ async fn a_server_lost_mid_generation_is_replaced_and_nothing_changes() {
     let head = ClientHead::load(&swarm.files, &Device::Cpu, WeightPrecision::Native).unwrap();
     let want = local_tokens(&swarm.files, 32);
     let mut session = swarm.session(&client, 4, range(0, 6), short()).await;
+    assert!(session.is_pushing());
     let route = session.route();
     assert_eq!(route.len(), 2);
     // Shut down the server of the second hop after 10 tokens.
@@ -387,7 +404,7 @@ async fn a_server_lost_mid_generation_is_replaced_and_nothing_changes() {
         &mut |_| {
             count += 1;
             if count == 10 {
-                tokio::task::block_in_place(|| handle.block_on(victim.shutdown()));
+                tokio::task::block_in_place(|| handle.block_on(stop(&victim)));
             }
             Ok(true)
         },
@@ -426,6 +443,75 @@ async fn a_server_lost_mid_generation_is_replaced_and_nothing_changes() {
         Err(DhtError::NoRoute(why)) => assert!(why.contains("blocks 3..6"), "{why}"),
         other => panic!("expected no route, got {other:?}"),
     }
+}
+
+/// A pushed chain whose middle server dies: the hop after it, which waited
+/// for its input, is opened again (on the same server: it is not to blame),
+/// the lost hop fails over, and the session relays from then on; the
+/// tokens are those of the uninterrupted run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_chain_broken_in_the_middle_loses_nothing() {
+    let mut swarm = Swarm::new("push-failover").await;
+    let mut nodes = Vec::new();
+    for (i, (name, blocks)) in [
+        ("a", range(0, 2)),
+        ("b1", range(2, 4)),
+        ("b2", range(2, 4)),
+        ("c", range(4, 6)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        nodes.push((name, swarm.server(i as u8 + 1, name, blocks, 4).await));
+    }
+    let client = swarm.client(100).await;
+    let head = ClientHead::load(&swarm.files, &Device::Cpu, WeightPrecision::Native).unwrap();
+    let want = local_tokens(&swarm.files, 32);
+    let mut session = swarm.session(&client, 4, range(0, 6), short()).await;
+    assert!(session.is_pushing());
+    let route = session.route();
+    assert_eq!(route.len(), 3);
+    let victim = nodes
+        .iter()
+        .find(|(name, _)| *name == route[1].name)
+        .map(|(_, node)| node.clone())
+        .unwrap();
+    let handle = tokio::runtime::Handle::current();
+    let mut count = 0;
+    let got = generate(
+        &head,
+        None,
+        &mut session,
+        &PROMPT,
+        &options(32),
+        &mut |_| {
+            count += 1;
+            if count == 10 {
+                tokio::task::block_in_place(|| handle.block_on(stop(&victim)));
+            }
+            Ok(true)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.tokens, want, "identical to the uninterrupted run");
+    let failovers = session.failovers();
+    assert_eq!(
+        failovers.len(),
+        1,
+        "only the lost server counts: {failovers:?}"
+    );
+    assert_eq!(failovers[0].lost.name, route[1].name);
+    assert!(!session.is_pushing(), "relaying after the chain broke");
+    let now: Vec<_> = session.route().iter().map(|s| s.name.clone()).collect();
+    assert_eq!(now.len(), 3);
+    assert_eq!(
+        (&*now[0], &*now[2]),
+        ("a", "c"),
+        "the working servers are kept"
+    );
+    assert_ne!(now[1], route[1].name);
+    session.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -628,7 +714,7 @@ async fn positions_dropped_by_a_truncation_are_gone_from_every_hop_and_its_repla
         .find(|(name, _)| *name == victim)
         .map(|(_, n)| n.clone())
         .unwrap();
-    node.shutdown().await;
+    stop(&node).await;
     let next = x(4, 1);
     let got = session.step(&next).await.unwrap();
     assert_eq!(session.failovers().len(), 1);

@@ -95,6 +95,7 @@ fn open(blocks: (u32, u32), dtype: Dtype) -> OpenSession {
         max_length: 16,
         dtype,
         direct: true,
+        push: true,
     }
 }
 
@@ -179,6 +180,95 @@ async fn two_hops_equal_the_local_span() {
         budget_returns(&s.budget).await,
         "closed sessions free their cache"
     );
+}
+
+/// Two hops chained by push: the first sends its output straight to the
+/// second and back to the client; the second takes its input from the
+/// first. Outputs equal the relayed ones, bit for bit; a pushed step the
+/// previous hop never sends fails the session with why, and every cache
+/// comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_hops_give_what_relayed_hops_give() {
+    let s = setup("push", 6, Duration::from_secs(2)).await;
+    let peer = s.server.peer_id();
+    let head = ClientHead::load(&s.files, &Device::Cpu, WeightPrecision::Native).unwrap();
+    let connect = |blocks| RemoteSession::connect(&s.client, peer, open(blocks, Dtype::F32));
+    let (mut a, mut b) = (
+        connect((0, 2)).await.unwrap(),
+        connect((2, 4)).await.unwrap(),
+    );
+    let (mut ra, mut rb) = (
+        connect((0, 2)).await.unwrap(),
+        connect((2, 4)).await.unwrap(),
+    );
+    let target = b.push_target().expect("a push offer on a direct session");
+    a.forward_to(target).await.unwrap();
+    let t = Duration::from_secs(5);
+    for ids in [&[3u32, 17, 42, 99, 5][..], &[7], &[200]] {
+        let x: Vec<f32> = head
+            .embed(ids)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let n = ids.len();
+        a.send_chain(Some(&x), n, true, t).await.unwrap();
+        b.send_chain(None, n, false, t).await.unwrap();
+        let mid = a.receive_within(t).await.unwrap();
+        let got = b.receive_within(t).await.unwrap();
+        let want_mid = ra.step(&x).await.unwrap();
+        let want = rb.step(&want_mid).await.unwrap();
+        assert_eq!(mid, want_mid, "the first hop's output comes back too");
+        assert_eq!(got, want, "pushed equals relayed");
+    }
+    // A truncation travels with the next pushed step on every hop.
+    a.truncate(6).unwrap();
+    b.truncate(6).unwrap();
+    ra.truncate(6).unwrap();
+    rb.truncate(6).unwrap();
+    let x: Vec<f32> = head
+        .embed(&[9])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    a.send_chain(Some(&x), 1, true, t).await.unwrap();
+    b.send_chain(None, 1, false, t).await.unwrap();
+    a.receive_within(t).await.unwrap();
+    let got = b.receive_within(t).await.unwrap();
+    let want = rb.step(&ra.step(&x).await.unwrap()).await.unwrap();
+    assert_eq!(got, want, "after a truncation");
+    assert_eq!((a.len(), b.len()), (7, 7));
+
+    // A forward to a port that takes nothing is refused; the session goes on.
+    let mut bogus = b.push_target().unwrap();
+    bogus.offer.token = [0; 16];
+    match ra.forward_to(bogus).await {
+        Err(DhtError::Refused(Refusal::CannotForward { .. })) => {}
+        other => panic!("expected a refused forward, got {other:?}"),
+    }
+    // Forwarding unasked is refused too, after the frame is read.
+    match rb.send_chain(Some(&vec![0.5; x.len()]), 1, true, t).await {
+        Ok(()) => assert!(matches!(
+            rb.receive_within(t).await,
+            Err(DhtError::Refused(Refusal::CannotForward { .. }))
+        )),
+        Err(e) => panic!("sending failed: {e}"),
+    }
+    assert_eq!(rb.step(&x).await.unwrap().len(), x.len(), "still usable");
+    for session in [a, b, ra, rb] {
+        session.close().await.unwrap();
+    }
+    // A hop told its input is pushed, when nobody pushes it, fails with why.
+    let mut lonely = connect((2, 4)).await.unwrap();
+    lonely.send_chain(None, 1, false, t).await.unwrap();
+    match lonely.receive_within(t).await {
+        Err(DhtError::ServerFailed(why)) => assert!(why.contains("previous hop"), "{why}"),
+        other => panic!("expected the server's failure, got {other:?}"),
+    }
+    assert!(budget_returns(&s.budget).await, "every cache comes back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

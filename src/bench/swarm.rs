@@ -122,6 +122,7 @@ pub async fn echo_session(
         max_length: u32::MAX,
         dtype: Dtype::F32,
         direct,
+        push: false,
     };
     let session = RemoteSession::connect(&client, server.peer_id(), open).await?;
     Ok((client, session))
@@ -234,31 +235,56 @@ async fn wan_decode(
         .await?
     };
     let drafting = options.clone().with_draft_tokens(swarm_shard::MAX_DRAFTS);
-    let (mut rates, mut fast, mut per_step) = (Vec::new(), Vec::new(), Vec::new());
+    // In turn, each round: relayed, pushed, pushed with drafts on the
+    // quoting prompt and on the free one.
+    let runs = [
+        (false, PROMPT.to_vec(), options.clone()),
+        (true, PROMPT.to_vec(), options.clone()),
+        (true, quote, drafting.clone()),
+        (true, PROMPT.to_vec(), drafting),
+    ];
+    let mut rates = vec![Vec::new(); runs.len()];
+    let mut per_step = Vec::new();
     for round in 0..=settings.repeats.max(1) {
-        let plain = options.clone();
-        let out = swarm
-            .with_client(move |client| async move {
-                client.generate(&PROMPT, &plain, &mut |_| true).await
-            })
-            .await?;
-        let (ids, drafting) = (quote.clone(), drafting.clone());
-        let spec = swarm
-            .with_client(move |client| async move {
-                client.generate(&ids, &drafting, &mut |_| true).await
-            })
-            .await?;
-        if round > 0 {
-            rates.push(out.output.decode_tokens_per_second());
-            fast.push(spec.output.decode_tokens_per_second());
-            per_step.push(spec.output.tokens_per_step());
+        for (i, (push, ids, options)) in runs.iter().enumerate() {
+            let (push, ids, options) = (*push, ids.clone(), options.clone());
+            let out = swarm
+                .with_client(move |client| async move {
+                    let max_length = client.max_length(ids.len(), &options) as u32;
+                    let session_options = client
+                        .session_options()
+                        .clone()
+                        .with_push(push)
+                        .with_max_length(max_length);
+                    let mut session = client.session_with(session_options).await?;
+                    if session.is_pushing() != push {
+                        return Err(SherpaError::Network(format!(
+                            "the session does not push as asked ({push})"
+                        )));
+                    }
+                    let out = client
+                        .generate_in(&mut session, &ids, &options, &mut |_| true)
+                        .await;
+                    session.close().await;
+                    out
+                })
+                .await?;
+            if round > 0 {
+                rates[i].push(out.output.decode_tokens_per_second());
+                if i == 2 {
+                    per_step.push(out.output.tokens_per_step());
+                }
+            }
         }
     }
     swarm.shutdown().await;
     drop(wan);
     let bound = 1.0 / (spans.len() as f64 * rtt.as_secs_f64());
-    let rate = median(rates);
-    let fast = median(fast);
+    let mut rates = rates.into_iter().map(median);
+    let rate = rates.next().unwrap_or(f64::NAN);
+    let pushed = rates.next().unwrap_or(f64::NAN);
+    let fast = rates.next().unwrap_or(f64::NAN);
+    let free = rates.next().unwrap_or(f64::NAN);
     report(BenchRecord::plain(
         &format!("wan{rtt_ms}ms_3servers_relay_bound"),
         bound,
@@ -272,11 +298,25 @@ async fn wan_decode(
         target: None,
     });
     report(BenchRecord {
+        name: format!("wan{rtt_ms}ms_3servers_push_vs_relay_bound"),
+        value: pushed,
+        unit: "tokens/s",
+        ratio: Some(pushed / bound),
+        target: None,
+    });
+    report(BenchRecord {
         name: format!("wan{rtt_ms}ms_3servers_speculative_vs_relay_bound"),
         value: fast,
         unit: "tokens/s",
         ratio: Some(fast / bound),
         target: Some(2.0),
+    });
+    report(BenchRecord {
+        name: format!("wan{rtt_ms}ms_3servers_speculative_free_text_vs_push"),
+        value: free,
+        unit: "tokens/s",
+        ratio: Some(free / pushed),
+        target: Some(1.0),
     });
     report(BenchRecord::plain(
         &format!("wan{rtt_ms}ms_3servers_speculative_tokens_per_step"),

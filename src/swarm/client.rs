@@ -492,6 +492,21 @@ impl Client {
     /// Opens a session for up to `max_length` positions over the planned
     /// route through the blocks the client does not run itself.
     pub async fn session(&self, max_length: usize) -> Result<InferenceSession, SherpaError> {
+        self.session_with(self.session.clone().with_max_length(max_length as u32))
+            .await
+    }
+
+    /// The settings its sessions open with ([`ClientBuilder::session`]).
+    pub fn session_options(&self) -> &SessionOptions {
+        &self.session
+    }
+
+    /// [`Client::session`] with other settings for this session alone
+    /// (e.g. relaying instead of push), `max_length` included.
+    pub async fn session_with(
+        &self,
+        options: SessionOptions,
+    ) -> Result<InferenceSession, SherpaError> {
         let plan = self.plan().await?;
         let config = self.head.config();
         let span = self.remote_span()?;
@@ -504,7 +519,6 @@ impl Client {
                 .collect(),
             excluded: plan.excluded,
         };
-        let options = self.session.clone().with_max_length(max_length as u32);
         Ok(InferenceSession::open(
             &self.node,
             self.model.clone(),

@@ -9,6 +9,13 @@
 //! steps as before (so their KV caches hold exactly what the lost server's
 //! held), and carries on: the output is the same as without the failure.
 //!
+//! With `push` (the default), each server sends its output straight on to
+//! the next one and back to the client, which sends a step's input to the
+//! first hop only: a token costs one trip along the chain instead of a
+//! round trip per server. The client still gets every hop's output, so it
+//! keeps every hop's input for failover as before; a chain that breaks
+//! mid-step is recovered hop by hop and the session goes on relaying.
+//!
 //! The session moves hidden states only; the facade's generation loop runs
 //! the embeddings, any local blocks and the LM head around it.
 
@@ -42,6 +49,10 @@ pub struct SessionOptions {
     /// Move each hop onto a direct connection when its server offers one
     /// ([`crate::direct`]); otherwise every hop stays on its libp2p stream.
     pub direct: bool,
+    /// Have each server push its output straight to the next (see the
+    /// [module docs](self)), where all the route's servers can; else the
+    /// client relays every hop. Needs `direct`.
+    pub push: bool,
 }
 
 impl Default for SessionOptions {
@@ -55,6 +66,7 @@ impl Default for SessionOptions {
             step_timeout: Duration::from_secs(5),
             max_failovers: 16,
             direct: true,
+            push: true,
         }
     }
 }
@@ -162,6 +174,9 @@ pub struct InferenceSession {
     /// Why the session cannot go on, once a failover has failed: its route
     /// has a hole, so no later step may run.
     broken: Option<String>,
+    /// Whether steps go down the chain by push (every hop forwarding to
+    /// the next).
+    pushing: bool,
     on_failover: Option<FailoverHook>,
 }
 
@@ -209,10 +224,37 @@ impl InferenceSession {
             failovers: Vec::new(),
             positions: 0,
             broken: None,
+            pushing: false,
             on_failover: None,
         };
         session.hops = session.open_span(span).await?;
+        session.pushing = session.options.push && session.chain_up().await;
         Ok(session)
+    }
+
+    /// Whether steps are pushed from server to server (else the client
+    /// relays every hop).
+    pub fn is_pushing(&self) -> bool {
+        self.pushing
+    }
+
+    /// Connects every hop to the next one's push offer; false (and the
+    /// session relays) unless all of them could.
+    async fn chain_up(&mut self) -> bool {
+        if self.hops.len() < 2 {
+            return false;
+        }
+        for j in 0..self.hops.len() - 1 {
+            let Some(target) = self.hops[j + 1].session.push_target() else {
+                tracing::debug!(server = %self.hops[j + 1].step.name, "no push offer; relaying every hop");
+                return false;
+            };
+            if let Err(e) = self.hops[j].session.forward_to(target).await {
+                tracing::info!(server = %self.hops[j].step.name, error = %e, "cannot push to the next hop; relaying every hop");
+                return false;
+            }
+        }
+        true
     }
 
     /// The current route, first block first.
@@ -268,6 +310,25 @@ impl InferenceSession {
         }
         let mut x = hidden_states.to_vec();
         let mut i = 0;
+        if self.pushing {
+            match self.step_pushed(&x, n).await {
+                Ok(out) => {
+                    self.positions += n;
+                    return Ok(out);
+                }
+                Err((_, _, DhtError::Stopped)) => return Err(DhtError::Stopped),
+                Err((j, input, e)) => {
+                    // Hop j's failure; the ones after it wait for an input
+                    // that will not come. Relay from hop j on.
+                    self.pushing = false;
+                    if let Err(lost) = self.recover_chain(j, e).await {
+                        self.broken = Some(lost.to_string());
+                        return Err(lost);
+                    }
+                    (x, i) = (input, j);
+                }
+            }
+        }
         while i < self.hops.len() {
             let timeout = self.timeout_for(&self.hops[i], n);
             let hop = &mut self.hops[i];
@@ -327,6 +388,75 @@ impl InferenceSession {
         }
     }
 
+    /// One step down the pushed chain: the input to the first hop, each
+    /// later hop told its input comes from the one before, then every
+    /// hop's output read in order (each the next one's input, kept for
+    /// failover). On failure: the hop that failed, its input, and why.
+    async fn step_pushed(
+        &mut self,
+        x: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>, (usize, Vec<f32>, DhtError)> {
+        let last = self.hops.len() - 1;
+        let base = self.options.step_timeout;
+        let mut sent = 0;
+        let mut unsent = None;
+        for (j, hop) in self.hops.iter_mut().enumerate() {
+            let input = (j == 0).then_some(x);
+            let timeout = hop.timeout(base, n);
+            match hop.session.send_chain(input, n, j < last, timeout).await {
+                Ok(()) => sent += 1,
+                Err(e) => {
+                    unsent = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut input = x.to_vec();
+        let mut since = Instant::now();
+        // Each answer comes after the ones before it: hop j's wait adds
+        // to theirs.
+        let mut allowed = Duration::ZERO;
+        for (j, hop) in self.hops.iter_mut().enumerate().take(sent) {
+            allowed += hop.timeout(base, n);
+            let left = allowed.saturating_sub(since.elapsed());
+            match hop.session.receive_within(left).await.and_then(finite) {
+                Ok(out) => {
+                    if n == 1 {
+                        hop.decode_steps += 1;
+                        hop.decode_time += since.elapsed();
+                    }
+                    since = Instant::now();
+                    allowed = Duration::ZERO;
+                    hop.inputs.push(std::mem::replace(&mut input, out));
+                }
+                Err(e) => return Err((j, input, e)),
+            }
+        }
+        match unsent {
+            Some(e) => Err((sent, input, e)),
+            None => Ok(input),
+        }
+    }
+
+    /// After a pushed step failed at hop `j`: the hops after it are
+    /// opened again with their inputs replayed (their servers are not to
+    /// blame; they waited for hop `j`), then hop `j` fails over.
+    async fn recover_chain(&mut self, j: usize, error: DhtError) -> Result<(), DhtError> {
+        for k in (j + 1..self.hops.len()).rev() {
+            self.reopen(k).await?;
+        }
+        self.fail_over(j, error).await
+    }
+
+    /// Opens hop `i`'s blocks again (on any server, its own included) and
+    /// replays its inputs: for a hop left out of step through no fault of
+    /// its own.
+    async fn reopen(&mut self, i: usize) -> Result<(), DhtError> {
+        let reason = DhtError::Protocol("the chain broke before this hop".into());
+        self.replace_hop(i, reason, false).await
+    }
+
     /// How long a step of `n` positions may take on `hop`.
     fn timeout_for(&self, hop: &LiveHop, n: usize) -> Duration {
         hop.timeout(self.options.step_timeout, n)
@@ -336,11 +466,27 @@ impl InferenceSession {
     /// other servers, replays its stored inputs into the new hops, and
     /// puts them in its place.
     async fn fail_over(&mut self, i: usize, error: DhtError) -> Result<(), DhtError> {
+        self.replace_hop(i, error, true).await
+    }
+
+    /// Replaces hop `i` as [`InferenceSession::fail_over`] does; `blame`
+    /// says whether its server failed (it is then avoided and the
+    /// failover recorded).
+    async fn replace_hop(
+        &mut self,
+        i: usize,
+        error: DhtError,
+        blame: bool,
+    ) -> Result<(), DhtError> {
         let started = Instant::now();
         let lost = self.hops.remove(i);
-        self.failed.insert(lost.server);
-        tracing::warn!(server = %lost.step.name, blocks = %lost.step.blocks, %error, "server lost; re-planning its blocks");
-        self.check_failovers(&lost.step, &error)?;
+        if blame {
+            self.failed.insert(lost.server);
+            tracing::warn!(server = %lost.step.name, blocks = %lost.step.blocks, %error, "server lost; re-planning its blocks");
+            self.check_failovers(&lost.step, &error)?;
+        } else {
+            tracing::debug!(server = %lost.step.name, blocks = %lost.step.blocks, %error, "opening a hop again");
+        }
         let replayed_positions = lost.inputs.iter().map(|c| c.len() / self.hidden).sum();
         let mut new_hops = loop {
             let mut new_hops = self.open_span(lost.step.blocks).await?;
@@ -365,6 +511,9 @@ impl InferenceSession {
         let tail = self.hops.split_off(i);
         self.hops.append(&mut new_hops);
         self.hops.extend(tail);
+        if !blame {
+            return Ok(());
+        }
         self.record(Failover {
             lost: lost.step,
             error: error.to_string(),
@@ -440,6 +589,7 @@ impl InferenceSession {
                     max_length: self.options.max_length,
                     dtype: self.options.dtype,
                     direct: self.options.direct,
+                    push: self.options.push && self.options.direct,
                 };
                 match RemoteSession::connect(&self.node, step.peer, open).await {
                     Ok(session) => hops.push(LiveHop {
@@ -544,6 +694,7 @@ swarm_core::with_setters!(SessionOptions {
     step_timeout: Duration => with_step_timeout,
     max_failovers: usize => with_max_failovers,
     direct: bool => with_direct,
+    push: bool => with_push,
 });
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ pub use survey::{
 /// Protocol id of Sherpa's Kademlia DHT.
 pub const KAD_PROTOCOL: &str = "/sherpa/kad/1.0.0";
 /// Protocol id of inference sessions.
-pub const INFER_PROTOCOL: &str = "/sherpa/infer/2.0.0";
+pub const INFER_PROTOCOL: &str = "/sherpa/infer/3.0.0";
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,4 @@
-//! Inference sessions (`/sherpa/infer/2.0.0`): the server side that runs a
+//! Inference sessions (`/sherpa/infer/3.0.0`): the server side that runs a
 //! hop, and the client side that drives one.
 //!
 //! The server keeps each session's KV cache within its memory budget and
@@ -17,12 +17,15 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncRead, AsyncWrite, StreamExt};
 use libp2p::StreamProtocol;
+use swarm_core::infer::client::OutgoingStep;
 use swarm_core::infer::server::{Input, Output, Reservation, Span};
-use swarm_core::infer::{ClientSession, OpenSession, Request, Response, ServerSession};
+use swarm_core::infer::{
+    ClientSession, ForwardTarget, OpenSession, Request, Response, ServerSession,
+};
 use swarm_core::{CoreError, ModelId};
 
 use crate::backend::{BackendError, SpanBackend, SpanState};
-use crate::direct::{DirectHub, DirectLink};
+use crate::direct::{DirectHub, DirectLink, OfferTicket, HANDSHAKE_TIMEOUT};
 use crate::error::DhtError;
 use crate::wire::{read_frame, read_message, write_message, write_tensor_message};
 
@@ -173,6 +176,11 @@ impl InferenceService {
         let mut machine = ServerSession::new(self.span());
         let mut link = Link::Stream(stream);
         let mut ticket = None;
+        // Push: where the previous hop's outputs arrive, and where this
+        // hop's go on to ([`swarm_core::infer`]'s module docs).
+        let mut push = Pushed::default();
+        let mut forward: Option<Box<DirectLink>> = None;
+        let mut connects = 0;
         let mut state: Option<Box<dyn SpanState>> = None;
         let mut open = None;
         let mut input = Input::Request(next_request(&mut link, idle).await?);
@@ -187,19 +195,23 @@ impl InferenceService {
                     blocks,
                     max_length,
                     direct,
+                    push: pushed_in,
                 } => match self.backend.open(blocks, max_length) {
                     Ok(reserved) => {
                         state = Some(reserved);
                         open = Some(Counted::new(&self.sessions));
-                        let offer = match self.hub.get() {
-                            Some(hub) if direct => hub.offer(),
+                        let offer = |wanted: bool| match self.hub.get() {
+                            Some(hub) if wanted => hub.offer(),
                             _ => None,
                         };
-                        let (direct, offered) = offer.unzip();
+                        let (direct, offered) = offer(direct).unzip();
                         ticket = offered;
+                        let (push_offer, push_ticket) = offer(pushed_in).unzip();
+                        push.ticket = push_ticket;
                         Input::Reserved(Reservation::Made {
                             cache_tokens_free: self.backend.free_positions(blocks),
                             direct,
+                            push: push_offer,
                         })
                     }
                     Err(BackendError::Busy { needed, free }) => {
@@ -213,6 +225,33 @@ impl InferenceService {
                     match first {
                         Some(request) => Input::Request(Some(request)),
                         None => Input::Request(next_request(&mut link, idle).await?),
+                    }
+                }
+                Output::ReadPushedFrame {
+                    start,
+                    positions,
+                    max_values,
+                } => match push
+                    .read(&mut link, start, positions, max_values, idle)
+                    .await
+                {
+                    Ok((dims, values)) => Input::Frame { dims, values },
+                    Err(e) => Input::PushLost(e.to_string()),
+                },
+                Output::Connect(target) => {
+                    connects += 1;
+                    if connects > MAX_FORWARD_CONNECTS {
+                        Input::Connected(Err(format!(
+                            "a session connects to the next hop at most {MAX_FORWARD_CONNECTS} times"
+                        )))
+                    } else {
+                        match connect_forward(&target).await {
+                            Ok(made) => {
+                                forward = Some(Box::new(made));
+                                Input::Connected(Ok(()))
+                            }
+                            Err(e) => Input::Connected(Err(e.to_string())),
+                        }
                     }
                 }
                 Output::Truncate { keep } => {
@@ -240,10 +279,25 @@ impl InferenceService {
                 }
                 Output::SendTensor {
                     response,
+                    forward: onward,
                     values,
                     dims,
                     dtype,
                 } => {
+                    // The next hop first: it is what the chain waits for.
+                    if let (Some(request), Some(next)) = (onward, forward.as_mut()) {
+                        let sent = tokio::time::timeout(
+                            idle,
+                            write_tensor_message(next, &request, &values, &dims, dtype),
+                        )
+                        .await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            // The next hop reports its lost input to the
+                            // client; this hop goes on.
+                            tracing::debug!("the next hop's push connection failed; dropping it");
+                            forward = None;
+                        }
+                    }
                     write_tensor_message(&mut link, &response, &values, &dims, dtype).await?;
                     Input::Sent
                 }
@@ -255,6 +309,81 @@ impl InferenceService {
                 }
             };
         }
+    }
+}
+
+/// Most times one session may have its server connect to a next hop.
+const MAX_FORWARD_CONNECTS: u32 = 4;
+
+/// Connects to the next hop's push offer, within the handshake's time.
+async fn connect_forward(target: &ForwardTarget) -> Result<DirectLink, DhtError> {
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        DirectLink::connect(target.ip, &target.offer),
+    )
+    .await
+    .map_err(|_| DhtError::Timeout("the next hop's push connection"))?
+}
+
+/// A session's push connection from the previous hop: offered at open,
+/// made by that hop on its first forward.
+#[derive(Default)]
+struct Pushed {
+    ticket: Option<OfferTicket>,
+    link: Option<Box<DirectLink>>,
+}
+
+impl Pushed {
+    /// The frame of the step the client announced (`positions` from
+    /// `start`), as the previous hop pushes it: its `Step` must say the
+    /// same. Anything from the client meanwhile (it should wait for the
+    /// answer), or its hanging up, ends the wait, so a chain broken
+    /// upstream frees this session at once.
+    async fn read(
+        &mut self,
+        client: &mut Link,
+        start: u32,
+        positions: u32,
+        max_values: usize,
+        idle: Duration,
+    ) -> Result<(Vec<usize>, Vec<f32>), DhtError> {
+        let (ticket, slot) = (&mut self.ticket, &mut self.link);
+        let work = async {
+            if slot.is_none() {
+                let ticket = ticket.as_mut().ok_or_else(|| {
+                    DhtError::Protocol("no push connection was offered for this session".into())
+                })?;
+                let made = ticket
+                    .arrival()
+                    .await
+                    .ok_or_else(|| DhtError::StreamLost("the push offer was withdrawn".into()))?;
+                *slot = Some(Box::new(made));
+            }
+            let Some(link) = slot.as_mut() else {
+                return Err(DhtError::Protocol("no push connection".into()));
+            };
+            match read_message::<_, Request>(link).await? {
+                Some(Request::Step {
+                    start: s,
+                    positions: p,
+                }) if (s, p) == (start, positions) => read_frame(link, max_values).await,
+                other => Err(DhtError::Protocol(format!(
+                    "the previous hop pushed {other:?} for a step of {positions} positions at {start}"
+                ))),
+            }
+        };
+        let got = tokio::select! {
+            got = tokio::time::timeout(idle, work) => got
+                .map_err(|_| DhtError::Timeout("the previous hop's output"))?,
+            early = read_message::<_, Request>(client) => Err(DhtError::Protocol(format!(
+                "the client sent {early:?} while its step waited for the previous hop"
+            ))),
+        };
+        if got.is_err() {
+            // Whatever it had half-sent is out of step now.
+            self.link = None;
+        }
+        got
     }
 }
 
@@ -505,6 +634,11 @@ pub struct RemoteSession {
     timeout: Duration,
     /// A truncation to send ahead of the next step, in the same flight.
     queued: Option<Request>,
+    /// A truncation went out with the step in flight: its answer comes
+    /// first.
+    truncation_sent: bool,
+    /// The server's address for direct connections, when known.
+    ip: Option<IpAddr>,
 }
 
 impl std::fmt::Debug for RemoteSession {
@@ -554,6 +688,7 @@ impl RemoteSession {
             };
             let mut open = open.clone();
             open.direct = ip.is_some();
+            open.push &= ip.is_some();
             match Self::open(stream, open, ip, node.request_timeout()).await {
                 Err(DhtError::StreamLost(why)) if attempt < OPEN_RETRIES => {
                     tracing::debug!(%peer, %why, attempt, "session stream lost before an answer; retrying");
@@ -597,7 +732,104 @@ impl RemoteSession {
             machine,
             timeout,
             queued: None,
+            truncation_sent: false,
+            ip,
         })
+    }
+
+    /// Where the previous hop may push its outputs into this session: the
+    /// server's push offer at its address, when both are known.
+    pub fn push_target(&self) -> Option<ForwardTarget> {
+        Some(ForwardTarget {
+            ip: self.ip?,
+            offer: self.machine.push_offer()?.clone(),
+        })
+    }
+
+    /// Has the server connect to the next hop's push offer, so that
+    /// chained steps ([`RemoteSession::send_chain`] with `forward`) send
+    /// their output straight there.
+    pub async fn forward_to(&mut self, target: ForwardTarget) -> Result<(), DhtError> {
+        let request = self.machine.forward(target)?;
+        let (machine, link) = (&mut self.machine, &mut self.link);
+        let work = async {
+            write_message(link, &request, None).await?;
+            let answer = read_message::<_, Response>(link).await?;
+            machine.forwarded(answer).map_err(protocol_error)
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| DhtError::Timeout("the server to connect to the next hop"))?
+    }
+
+    /// Sends one step of a chain of `n` positions: with its input when
+    /// given (the first hop), else announcing the input the previous hop
+    /// pushes; `forward` has the output go on to the next hop. The answer
+    /// is read with [`RemoteSession::receive_within`].
+    pub async fn send_chain(
+        &mut self,
+        input: Option<&[f32]>,
+        n: usize,
+        forward: bool,
+        timeout: Duration,
+    ) -> Result<(), DhtError> {
+        if let Some(values) = input {
+            if values.len() != n * self.machine.hidden() {
+                return Err(protocol_error(CoreError::Session(format!(
+                    "{} values are not {n} positions of {}",
+                    values.len(),
+                    self.machine.hidden()
+                ))));
+            }
+        }
+        let step = self.machine.chain(n, input.is_none(), forward)?;
+        tokio::time::timeout(timeout, self.send(&step, input))
+            .await
+            .map_err(|_| DhtError::Timeout("sending a step"))?
+    }
+
+    /// The output of the step in flight; after a timeout the session is
+    /// out of step and should be dropped.
+    pub async fn receive_within(&mut self, timeout: Duration) -> Result<Vec<f32>, DhtError> {
+        tokio::time::timeout(timeout, self.receive())
+            .await
+            .map_err(|_| DhtError::Timeout("the server's step"))?
+    }
+
+    /// Writes a step (its frame when `values` are given), after the
+    /// truncation queued for it, if any.
+    async fn send(&mut self, step: &OutgoingStep, values: Option<&[f32]>) -> Result<(), DhtError> {
+        if let Some(truncate) = self.queued.take() {
+            write_message(&mut self.link, &truncate, None).await?;
+            self.truncation_sent = true;
+        }
+        match values {
+            Some(values) => {
+                write_tensor_message(
+                    &mut self.link,
+                    &step.request,
+                    values,
+                    &step.dims,
+                    step.dtype,
+                )
+                .await
+            }
+            None => write_message(&mut self.link, &step.request, None).await,
+        }
+    }
+
+    /// Reads the answers to what [`RemoteSession::send`] sent: the
+    /// truncation's first, then the step's and its frame.
+    async fn receive(&mut self) -> Result<Vec<f32>, DhtError> {
+        if std::mem::take(&mut self.truncation_sent) {
+            let answer = read_message::<_, Response>(&mut self.link).await?;
+            self.machine.truncated(answer).map_err(protocol_error)?;
+        }
+        let answer = read_message::<_, Response>(&mut self.link).await?;
+        let most = self.machine.answered(answer).map_err(protocol_error)?;
+        let (dims, values) = read_frame(&mut self.link, most).await?;
+        self.machine.received(&dims).map_err(protocol_error)?;
+        Ok(values)
     }
 
     /// Whether the session runs on a direct connection.
@@ -634,23 +866,9 @@ impl RemoteSession {
         timeout: Duration,
     ) -> Result<Vec<f32>, DhtError> {
         let step = self.machine.step(hidden_states.len())?;
-        let truncate = self.queued.take();
-        let (machine, link) = (&mut self.machine, &mut self.link);
         let work = async {
-            if let Some(truncate) = &truncate {
-                write_message(link, truncate, None).await?;
-            }
-            write_tensor_message(link, &step.request, hidden_states, &step.dims, step.dtype)
-                .await?;
-            if truncate.is_some() {
-                let answer = read_message::<_, Response>(link).await?;
-                machine.truncated(answer).map_err(protocol_error)?;
-            }
-            let answer = read_message::<_, Response>(link).await?;
-            let most = machine.answered(answer).map_err(protocol_error)?;
-            let (dims, values) = read_frame(link, most).await?;
-            machine.received(&dims).map_err(protocol_error)?;
-            Ok(values)
+            self.send(&step, Some(hidden_states)).await?;
+            self.receive().await
         };
         tokio::time::timeout(timeout, work)
             .await

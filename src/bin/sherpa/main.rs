@@ -331,6 +331,10 @@ struct GenerateArgs {
     /// direct connection.
     #[arg(long)]
     no_direct: bool,
+    /// Relay every hop through this client instead of having each server
+    /// push its output straight to the next one.
+    #[arg(long)]
+    no_push: bool,
     /// Seconds to wait for blocks that have no server yet (servers started
     /// a moment ago may not have announced).
     #[arg(long, default_value_t = 20.0)]

@@ -436,6 +436,7 @@ fn session_options(args: &GenerateArgs) -> SessionOptions {
         })
         .with_step_timeout(Duration::from_secs_f64(args.step_timeout.max(0.01)))
         .with_direct(!args.no_direct)
+        .with_push(!args.no_push)
 }
 
 fn client_tokenizer(client: &Client) -> Result<&TextTokenizer, SherpaError> {
@@ -464,6 +465,14 @@ async fn run_distributed(
     }
     for step in session.route() {
         eprintln!("  {step}");
+    }
+    if session.route().len() > 1 {
+        let how = if session.is_pushing() {
+            "each server pushes its output to the next"
+        } else {
+            "this client relays every hop"
+        };
+        eprintln!("  ({how})");
     }
     let tokenizer = client_tokenizer(client)?;
     let mut decoder = tokenizer.stream_decoder();

@@ -7,7 +7,7 @@
 //! [`CoreError`] before any value reaches the caller. Its driver (the
 //! network crate's `RemoteSession`) only moves bytes and keeps time.
 
-use super::{DirectOffer, Dtype, OpenSession, Request, Response};
+use super::{DirectOffer, Dtype, ForwardTarget, OpenSession, Request, Response};
 use crate::tensor_frame::WireDType;
 use crate::CoreError;
 
@@ -23,6 +23,10 @@ pub struct ClientSession {
     pending: Option<usize>,
     /// Positions kept by the truncation sent and not yet answered.
     truncating: Option<u32>,
+    /// The server's offer of a push connection for the previous hop.
+    push_offer: Option<DirectOffer>,
+    /// A [`Request::Forward`] sent and not yet answered.
+    connecting: bool,
 }
 
 /// A step to send: the request and the shape of the frame that follows it.
@@ -45,7 +49,12 @@ impl ClientSession {
         answer: Option<Response>,
     ) -> Result<(Self, Option<DirectOffer>), CoreError> {
         match answer {
-            Some(Response::Opened { hidden, direct, .. }) if hidden > 0 => {
+            Some(Response::Opened {
+                hidden,
+                direct,
+                push,
+                ..
+            }) if hidden > 0 => {
                 let session = Self {
                     hidden: hidden as usize,
                     dtype: open.dtype,
@@ -53,6 +62,8 @@ impl ClientSession {
                     len: 0,
                     pending: None,
                     truncating: None,
+                    push_offer: push.filter(|_| open.push),
+                    connecting: false,
                 };
                 Ok((session, direct))
             }
@@ -75,6 +86,12 @@ impl ClientSession {
         self.len == 0
     }
 
+    /// The offer of a push connection into this session, for the hop
+    /// before it, when the client asked and the server made one.
+    pub fn push_offer(&self) -> Option<&DirectOffer> {
+        self.push_offer.as_ref()
+    }
+
     /// The request for a step on `values` hidden-state values (a whole
     /// number of positions, within the session's length).
     pub fn step(&mut self, values: usize) -> Result<OutgoingStep, CoreError> {
@@ -84,6 +101,64 @@ impl ClientSession {
             return Err(CoreError::Session(format!(
                 "{values} values are not whole positions of {hidden}"
             )));
+        }
+        self.begin(n, |start, positions| Request::Step { start, positions })
+    }
+
+    /// The request for a step of a chain ([`Request::Chain`]) of `n`
+    /// positions: its frame follows unless `pushed_in` (the previous hop
+    /// pushes it), and its output goes on to the next hop when `forward`.
+    /// The answer is read as a step's.
+    pub fn chain(
+        &mut self,
+        n: usize,
+        pushed_in: bool,
+        forward: bool,
+    ) -> Result<OutgoingStep, CoreError> {
+        if n == 0 {
+            return Err(CoreError::Session("a step of no positions".into()));
+        }
+        self.begin(n, |start, positions| Request::Chain {
+            start,
+            positions,
+            pushed_in,
+            forward,
+        })
+    }
+
+    /// The request that has the server connect to the next hop's push
+    /// offer; answered by [`ClientSession::forwarded`].
+    pub fn forward(&mut self, target: ForwardTarget) -> Result<Request, CoreError> {
+        if self.pending.is_some() || self.truncating.is_some() || self.connecting {
+            return Err(CoreError::Session(
+                "a forward was asked before the last request was answered".into(),
+            ));
+        }
+        self.connecting = true;
+        Ok(Request::Forward(target))
+    }
+
+    /// The server's answer to the forward asked for.
+    pub fn forwarded(&mut self, answer: Option<Response>) -> Result<(), CoreError> {
+        if !std::mem::take(&mut self.connecting) {
+            return Err(CoreError::Session("an answer to no forward".into()));
+        }
+        match answer {
+            Some(Response::Forwarding) => Ok(()),
+            other => Err(unexpected(other, "Forwarding")),
+        }
+    }
+
+    fn begin(
+        &mut self,
+        n: usize,
+        request: impl FnOnce(u32, u32) -> Request,
+    ) -> Result<OutgoingStep, CoreError> {
+        let hidden = self.hidden;
+        if self.connecting {
+            return Err(CoreError::Session(
+                "a step was sent before the forward was answered".into(),
+            ));
         }
         // A truncation sent and not yet answered is answered first: the
         // step follows it in the same flight.
@@ -101,10 +176,7 @@ impl ClientSession {
         }
         self.pending = Some(n);
         Ok(OutgoingStep {
-            request: Request::Step {
-                start,
-                positions: n as u32,
-            },
+            request: request(start, n as u32),
             dims: [1, n, hidden],
             dtype: self.dtype.into(),
         })
@@ -210,6 +282,7 @@ mod tests {
             max_length: 4,
             dtype: Dtype::F32,
             direct: true,
+            push: true,
         }
     }
 
@@ -218,6 +291,7 @@ mod tests {
             hidden: 2,
             cache_tokens_free: 0,
             direct: None,
+            push: None,
         };
         ClientSession::opened(&open(), Some(opened)).unwrap().0
     }
@@ -235,6 +309,7 @@ mod tests {
             hidden: 0,
             cache_tokens_free: 0,
             direct: None,
+            push: None,
         };
         let err = ClientSession::opened(&open(), Some(zero));
         assert!(matches!(err.unwrap_err(), CoreError::SessionProtocol(_)));
@@ -314,6 +389,79 @@ mod tests {
             message: "oom".into(),
         }));
         assert_eq!(err.unwrap_err(), CoreError::ServerFailed("oom".into()));
+    }
+
+    #[test]
+    fn a_chain_step_is_answered_as_a_step_and_forwards_are_one_at_a_time() {
+        let offer = DirectOffer {
+            port: 7,
+            token: [3; 16],
+            psk: [4; 32],
+        };
+        let opened = Response::Opened {
+            hidden: 2,
+            cache_tokens_free: 0,
+            direct: None,
+            push: Some(offer.clone()),
+        };
+        let mut s = ClientSession::opened(&open(), Some(opened.clone()))
+            .unwrap()
+            .0;
+        assert_eq!(s.push_offer(), Some(&offer));
+        let mut no_push = open();
+        no_push.push = false;
+        let unasked = ClientSession::opened(&no_push, Some(opened)).unwrap().0;
+        assert_eq!(
+            unasked.push_offer(),
+            None,
+            "an offer not asked for is ignored"
+        );
+
+        let target = ForwardTarget {
+            ip: std::net::IpAddr::from([127, 0, 0, 2]),
+            offer,
+        };
+        assert_eq!(
+            s.forward(target.clone()).unwrap(),
+            Request::Forward(target.clone())
+        );
+        assert!(
+            s.chain(1, true, true).is_err(),
+            "the forward is answered first"
+        );
+        assert!(s.forward(target.clone()).is_err());
+        s.forwarded(Some(Response::Forwarding)).unwrap();
+        assert!(
+            s.forwarded(Some(Response::Forwarding)).is_err(),
+            "nothing asked"
+        );
+        let step = s.chain(2, true, true).unwrap();
+        assert_eq!(
+            step.request,
+            Request::Chain {
+                start: 0,
+                positions: 2,
+                pushed_in: true,
+                forward: true
+            }
+        );
+        assert!(s.chain(1, false, false).is_err(), "one step at a time");
+        s.answered(Some(Response::Stepped { positions: 2 }))
+            .unwrap();
+        s.received(&[1, 2, 2]).unwrap();
+        assert_eq!(s.len(), 2);
+        assert!(s.chain(0, false, false).is_err());
+        assert!(s.chain(3, false, false).is_err(), "past max_length");
+        // A refused forward says why and leaves the session usable.
+        s.forward(target).unwrap();
+        let why = super::super::Refusal::CannotForward {
+            reason: "unreachable".into(),
+        };
+        assert_eq!(
+            s.forwarded(Some(Response::Refused(why.clone()))),
+            Err(CoreError::Refused(why))
+        );
+        assert!(s.chain(1, false, false).is_ok());
     }
 
     #[test]

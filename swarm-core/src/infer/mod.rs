@@ -1,4 +1,4 @@
-//! The inference protocol's control messages (`/sherpa/infer/2.0.0`).
+//! The inference protocol's control messages (`/sherpa/infer/3.0.0`).
 //!
 //! A client opens one stream per hop and keeps it for the session. On the
 //! stream, every message is a 4-byte little-endian length and a bincode
@@ -25,6 +25,25 @@
 //! A step must start where the session's cache ends, so a client that
 //! lost a server replays its stored inputs into a fresh session from 0.
 //!
+//! Push: a client relaying every hop waits one round trip per server per
+//! token. Instead, when it asks for `push` at open, a server also offers a
+//! second direct connection into the session, for the hop before it: the
+//! client hands that offer to the previous hop with [`Request::Forward`],
+//! and sends each step as [`Request::Chain`], its frame to the first hop
+//! only. Each hop runs the step, sends its output straight on to the next
+//! hop (a `Step` and frame on that connection) and back to the client as
+//! usual, so the client still keeps every hop's input for failover; the
+//! later hops take their input from the connection instead of the client.
+//!
+//! ```text
+//! client          hop 1                hop 2
+//! Chain{forward} + frame ->
+//! Chain{pushed_in}  ----------------->
+//!                 Step + frame  -----> (push connection)
+//!        <- Stepped + frame
+//!        <---------------------------- Stepped + frame
+//! ```
+//!
 //! Each side of a session is a state machine that does no I/O:
 //! [`ServerSession`] decides what a server answers, [`ClientSession`]
 //! what a client sends and accepts. The network crate drives both.
@@ -41,7 +60,7 @@ use crate::tensor_frame::WireDType;
 use crate::{BlockRange, ModelId};
 
 /// Version of these messages; [`OpenSession::version`] carries it.
-pub const INFER_VERSION: u16 = 2;
+pub const INFER_VERSION: u16 = 3;
 
 /// The tensor element type, as it travels in control messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
@@ -78,6 +97,28 @@ pub struct OpenSession {
     /// Whether the client would take a direct connection for the session
     /// ([`DirectOffer`]).
     pub direct: bool,
+    /// Whether the client would have the hop before this one push its
+    /// output here (an offer for that comes in `Opened::push`).
+    pub push: bool,
+}
+
+/// Where a hop sends its output on to: the next hop's push offer, at the
+/// address the client reaches that server at.
+#[derive(Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ForwardTarget {
+    /// The next server's address.
+    pub ip: std::net::IpAddr,
+    /// Its offer for a push connection into the client's session there.
+    pub offer: DirectOffer,
+}
+
+impl std::fmt::Debug for ForwardTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardTarget")
+            .field("ip", &self.ip)
+            .field("port", &self.offer.port)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A server's offer to carry a session on a direct TCP connection sealed
@@ -122,6 +163,23 @@ pub enum Request {
     },
     /// Ends the session; the server frees its cache.
     Close,
+    /// Connects to the next hop's push offer, so that [`Request::Chain`]
+    /// steps can send their output straight there.
+    Forward(ForwardTarget),
+    /// A step of a chain: like [`Request::Step`], but the frame comes from
+    /// the previous hop's push connection when `pushed_in` (else it
+    /// follows here), and the output also goes to the next hop when
+    /// `forward`.
+    Chain {
+        /// First position; equals the positions already in the cache.
+        start: u32,
+        /// How many positions.
+        positions: u32,
+        /// The input comes on the push connection.
+        pushed_in: bool,
+        /// Send the output on to the next hop as well.
+        forward: bool,
+    },
 }
 
 /// Why a server will not do what was asked. The session (if open) stays
@@ -169,6 +227,12 @@ pub enum Refusal {
     /// A message arrived out of order (a step before opening, a second
     /// open).
     Unexpected,
+    /// The server cannot send its output on to the next hop: it could
+    /// not connect, or was never asked to.
+    CannotForward {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Server to client.
@@ -184,7 +248,12 @@ pub enum Response {
         /// A direct connection for the session, when the client asked and
         /// the server has a direct listener.
         direct: Option<DirectOffer>,
+        /// A connection the previous hop may push its output into, when
+        /// the client asked for push and the server can take it.
+        push: Option<DirectOffer>,
     },
+    /// The server connected to the next hop ([`Request::Forward`]).
+    Forwarding,
     /// The step ran; the span's output frame follows.
     Stepped {
         /// Positions in the frame.
@@ -226,6 +295,9 @@ impl std::fmt::Display for Refusal {
                 "the step must start at position {expected_start} and stay within {max_length}"
             ),
             Refusal::Unexpected => f.write_str("message out of order"),
+            Refusal::CannotForward { reason } => {
+                write!(f, "the server cannot send its output on: {reason}")
+            }
         }
     }
 }
@@ -246,12 +318,31 @@ mod tests {
                     max_length: max,
                     dtype: if f16 { Dtype::F16 } else { Dtype::F32 },
                     direct: f16,
+                    push: !f16,
                 })
             }),
             (any::<u32>(), any::<u32>())
                 .prop_map(|(start, positions)| Request::Step { start, positions }),
             any::<u32>().prop_map(|keep| Request::Truncate { keep }),
             Just(Request::Close),
+            (
+                any::<[u8; 16]>(),
+                any::<u16>(),
+                any::<[u8; 16]>(),
+                any::<[u8; 32]>()
+            )
+                .prop_map(|(ip, port, token, psk)| Request::Forward(ForwardTarget {
+                    ip: std::net::IpAddr::from(ip),
+                    offer: DirectOffer { port, token, psk },
+                })),
+            (any::<u32>(), any::<u32>(), any::<bool>(), any::<bool>()).prop_map(
+                |(start, positions, pushed_in, forward)| Request::Chain {
+                    start,
+                    positions,
+                    pushed_in,
+                    forward
+                }
+            ),
         ]
     }
 
@@ -260,13 +351,18 @@ mod tests {
             (
                 any::<u32>(),
                 any::<u64>(),
-                any::<Option<(u16, [u8; 16], [u8; 32])>>()
+                any::<Option<(u16, [u8; 16], [u8; 32])>>(),
+                any::<Option<(u16, [u8; 16], [u8; 32])>>(),
             )
-                .prop_map(|(hidden, cache_tokens_free, direct)| Response::Opened {
-                    hidden,
-                    cache_tokens_free,
-                    direct: direct.map(|(port, token, psk)| DirectOffer { port, token, psk }),
+                .prop_map(|(hidden, cache_tokens_free, direct, push)| {
+                    Response::Opened {
+                        hidden,
+                        cache_tokens_free,
+                        direct: direct.map(|(port, token, psk)| DirectOffer { port, token, psk }),
+                        push: push.map(|(port, token, psk)| DirectOffer { port, token, psk }),
+                    }
                 }),
+            Just(Response::Forwarding),
             any::<u32>().prop_map(|positions| Response::Stepped { positions }),
             Just(Response::Truncated),
             (any::<u32>(), any::<u64>())
@@ -287,6 +383,7 @@ mod tests {
             (any::<u32>(), any::<u32>())
                 .prop_map(|(asked, context)| Response::Refused(Refusal::Length { asked, context })),
             Just(Response::Refused(Refusal::Unexpected)),
+            "[ -~]{0,200}".prop_map(|reason| Response::Refused(Refusal::CannotForward { reason })),
             "[ -~]{0,200}".prop_map(|message| Response::Failed { message }),
         ]
     }
@@ -320,6 +417,7 @@ mod tests {
             max_length: 16,
             dtype: Dtype::F16,
             direct: false,
+            push: false,
         });
         let mut bytes = codec::encode(&open).unwrap();
         // Swap the range's ends (start 0, end 4 -> start 4, end 0).

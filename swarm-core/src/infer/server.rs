@@ -17,12 +17,12 @@
 //! let mut session = ServerSession::new(span);
 //! let open = OpenSession {
 //!     version: INFER_VERSION, model, blocks: BlockRange::new(0, 4).unwrap(),
-//!     max_length: 8, dtype: Dtype::F32, direct: false,
+//!     max_length: 8, dtype: Dtype::F32, direct: false, push: false,
 //! };
 //! // The driver reads the first message and hands it over.
 //! let out = session.handle(Input::Request(Some(Request::Open(open))));
 //! assert!(matches!(out, Output::Reserve { max_length: 8, .. }));
-//! let made = Reservation::Made { cache_tokens_free: 56, direct: None };
+//! let made = Reservation::Made { cache_tokens_free: 56, direct: None, push: None };
 //! assert!(matches!(session.handle(Input::Reserved(made)), Output::Send(Response::Opened { .. })));
 //! assert!(matches!(session.handle(Input::Sent), Output::SettleLink));
 //! // A step that does not start at position 0 is refused; the session goes on.
@@ -34,7 +34,9 @@
 //! assert!(matches!(session.handle(Input::Request(None)), Output::Finish));
 //! ```
 
-use super::{DirectOffer, Dtype, OpenSession, Refusal, Request, Response, INFER_VERSION};
+use super::{
+    DirectOffer, Dtype, ForwardTarget, OpenSession, Refusal, Request, Response, INFER_VERSION,
+};
 use crate::tensor_frame::WireDType;
 use crate::{BlockRange, ModelId};
 
@@ -62,8 +64,9 @@ pub enum Input {
     /// [`Output::ReadRequest`] and [`Output::SettleLink`]; also the first
     /// input of a session.
     Request(Option<Request>),
-    /// The tensor frame that followed a step; answers
-    /// [`Output::ReadFrame`].
+    /// The tensor frame that followed a step (or came on the push
+    /// connection); answers [`Output::ReadFrame`] and
+    /// [`Output::ReadPushedFrame`].
     Frame {
         /// Its shape.
         dims: Vec<usize>,
@@ -80,6 +83,12 @@ pub enum Input {
     /// The answer went out; answers [`Output::Send`] and
     /// [`Output::SendTensor`].
     Sent,
+    /// No pushed frame came (the push connection failed or sent something
+    /// else); answers [`Output::ReadPushedFrame`]. The session ends.
+    PushLost(String),
+    /// Whether the connection to the next hop was made; answers
+    /// [`Output::Connect`].
+    Connected(Result<(), String>),
 }
 
 /// How reserving a session's cache went.
@@ -92,6 +101,8 @@ pub enum Reservation {
         cache_tokens_free: u64,
         /// A direct connection offered for the session, if any.
         direct: Option<DirectOffer>,
+        /// A push connection offered for the previous hop, if any.
+        push: Option<DirectOffer>,
     },
     /// Not enough cache memory left now.
     Busy {
@@ -127,7 +138,23 @@ pub enum Output {
         /// Whether the client asked for a direct connection: offer one
         /// in [`Reservation::Made`] if the server can.
         direct: bool,
+        /// Whether the client asked for a push connection: likewise.
+        push: bool,
     },
+    /// Read the next step's frame from the push connection (the first
+    /// push waits for that connection to be made): a `Step` of exactly
+    /// these positions and its frame of at most `max_values` values, as
+    /// [`Input::Frame`], or [`Input::PushLost`].
+    ReadPushedFrame {
+        /// Where the step starts.
+        start: u32,
+        /// Its positions.
+        positions: u32,
+        /// Most values the frame may hold.
+        max_values: usize,
+    },
+    /// Connect to the next hop's push offer; report [`Input::Connected`].
+    Connect(ForwardTarget),
     /// `Opened` went out: move to the direct connection if the client
     /// takes the offer, then report its first message there or on the
     /// stream as [`Input::Request`].
@@ -148,10 +175,15 @@ pub enum Output {
     },
     /// Send this answer; report [`Input::Sent`].
     Send(Response),
-    /// Send this answer and then the frame; report [`Input::Sent`].
+    /// Send this answer and then the frame; report [`Input::Sent`]. With
+    /// `forward`, first send that request and the same frame to the next
+    /// hop (a failure there is the next hop's to report).
     SendTensor {
         /// The answer.
         response: Response,
+        /// The `Step` for the next hop's push connection, if the output
+        /// goes on.
+        forward: Option<Request>,
         /// The frame's values.
         values: Vec<f32>,
         /// The frame's shape.
@@ -177,7 +209,9 @@ enum Phase {
     /// Waiting for a step's frame.
     Framing(Open, Step),
     /// Waiting for a step's computation.
-    Computing(Open, usize),
+    Computing(Open, Step),
+    /// Waiting for the connection to the next hop.
+    Connecting(Open),
     /// Waiting for a truncation.
     Truncating(Open, usize),
     /// An answer is going out; then the next message.
@@ -196,13 +230,19 @@ struct Open {
     dtype: Dtype,
     /// Positions the cache holds.
     len: usize,
+    /// Whether the connection to the next hop is made.
+    forwarding: bool,
 }
 
 /// A step whose frame is awaited.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Step {
     start: u32,
     positions: usize,
+    /// The output goes on to the next hop too.
+    forward: bool,
+    /// Refused once its frame is read.
+    refuse: Option<Refusal>,
 }
 
 /// The server's side of one session; see the [module docs](self).
@@ -228,6 +268,7 @@ impl ServerSession {
             | Phase::Ready(o)
             | Phase::Framing(o, _)
             | Phase::Computing(o, _)
+            | Phase::Connecting(o)
             | Phase::Truncating(o, _)
             | Phase::Answering(o) => o.len,
             _ => 0,
@@ -263,6 +304,7 @@ impl ServerSession {
                             blocks: open.blocks,
                             max_length: open.max_length as usize,
                             direct: open.direct,
+                            push: open.push,
                         };
                         (Phase::Reserving(open), reserve)
                     }
@@ -273,17 +315,20 @@ impl ServerSession {
                 Reservation::Made {
                     cache_tokens_free,
                     direct,
+                    push,
                 } => {
                     let opened = Response::Opened {
                         hidden: u32::try_from(self.span.hidden).unwrap_or(u32::MAX),
                         cache_tokens_free,
                         direct,
+                        push,
                     };
                     let state = Open {
                         blocks: open.blocks,
                         max_length: open.max_length,
                         dtype: open.dtype,
                         len: 0,
+                        forwarding: false,
                     };
                     (Phase::Opened(state), Output::Send(opened))
                 }
@@ -302,18 +347,50 @@ impl ServerSession {
                     (Phase::Truncating(open, keep), Output::Truncate { keep })
                 }
                 Some(Request::Step { start, positions }) => {
-                    let positions = positions as usize;
-                    // The frame is read even when the step is refused, so
-                    // the stream stays in step; its size is capped by
-                    // what was announced.
-                    let max_values = positions.min(MAX_STEP_POSITIONS) * self.span.hidden;
-                    let step = Step { start, positions };
-                    (Phase::Framing(open, step), Output::ReadFrame { max_values })
+                    self.read_step(open, start, positions, false, false)
+                }
+                Some(Request::Chain {
+                    start,
+                    positions,
+                    pushed_in,
+                    forward,
+                }) => {
+                    let (phase, read) = self.read_step(open, start, positions, pushed_in, forward);
+                    match phase {
+                        // The frame is read and dropped with the refusal,
+                        // so every connection stays in step.
+                        Phase::Framing(open, mut step) if forward && !open.forwarding => {
+                            step.refuse = Some(Refusal::CannotForward {
+                                reason: "no connection to the next hop was asked for".into(),
+                            });
+                            (Phase::Framing(open, step), read)
+                        }
+                        phase => (phase, read),
+                    }
+                }
+                Some(Request::Forward(target)) => {
+                    (Phase::Connecting(open), Output::Connect(target))
                 }
                 // A second open, or a request this server does not know.
                 Some(_) => answering(open, Response::Refused(Refusal::Unexpected)),
             },
+            (Phase::Framing(..), Input::PushLost(message)) => closing(Response::Failed {
+                message: format!("no input came from the previous hop: {message}"),
+            }),
+            (Phase::Connecting(mut open), Input::Connected(made)) => match made {
+                Ok(()) => {
+                    open.forwarding = true;
+                    answering(open, Response::Forwarding)
+                }
+                Err(reason) => {
+                    open.forwarding = false;
+                    answering(open, Response::Refused(Refusal::CannotForward { reason }))
+                }
+            },
             (Phase::Framing(open, step), Input::Frame { dims, values }) => {
+                if let Some(refusal) = step.refuse {
+                    return answering(open, Response::Refused(refusal));
+                }
                 let n = step.positions;
                 let continues = step.start as usize == open.len
                     && n > 0
@@ -333,15 +410,20 @@ impl ServerSession {
                     positions: n,
                     work,
                 };
-                (Phase::Computing(open, n), compute)
+                (Phase::Computing(open, step), compute)
             }
-            (Phase::Computing(mut open, n), Input::Computed(out)) => match out {
+            (Phase::Computing(mut open, step), Input::Computed(out)) => match out {
                 Ok(values) => {
+                    let n = step.positions;
                     open.len += n;
+                    let positions = u32::try_from(n).unwrap_or(u32::MAX);
+                    let forward = (step.forward && open.forwarding).then_some(Request::Step {
+                        start: step.start,
+                        positions,
+                    });
                     let send = Output::SendTensor {
-                        response: Response::Stepped {
-                            positions: u32::try_from(n).unwrap_or(u32::MAX),
-                        },
+                        response: Response::Stepped { positions },
+                        forward,
                         values,
                         dims: [1, n, self.span.hidden],
                         dtype: open.dtype.into(),
@@ -367,6 +449,37 @@ impl ServerSession {
                 ),
             }),
         }
+    }
+
+    /// Reads the frame of a step (here, or from the push connection); its
+    /// size is capped by what was announced, and it is read even when the
+    /// step is then refused, so the stream stays in step.
+    fn read_step(
+        &self,
+        open: Open,
+        start: u32,
+        positions: u32,
+        pushed_in: bool,
+        forward: bool,
+    ) -> (Phase, Output) {
+        let n = positions as usize;
+        let max_values = n.min(MAX_STEP_POSITIONS) * self.span.hidden;
+        let step = Step {
+            start,
+            positions: n,
+            forward,
+            refuse: None,
+        };
+        let read = if pushed_in {
+            Output::ReadPushedFrame {
+                start,
+                positions,
+                max_values,
+            }
+        } else {
+            Output::ReadFrame { max_values }
+        };
+        (Phase::Framing(open, step), read)
     }
 
     fn refuse_open(&self, open: &OpenSession) -> Option<Refusal> {
@@ -411,6 +524,8 @@ fn input_name(input: &Input) -> &'static str {
         Input::Truncated => "a truncation",
         Input::Computed(_) => "a computation",
         Input::Sent => "a sent answer",
+        Input::PushLost(_) => "a lost push",
+        Input::Connected(_) => "a connection",
     }
 }
 
@@ -422,6 +537,7 @@ fn phase_name(phase: &Phase) -> &'static str {
         Phase::Ready(_) => "waiting for a request",
         Phase::Framing(..) => "waiting for a frame",
         Phase::Computing(..) => "computing",
+        Phase::Connecting(_) => "connecting to the next hop",
         Phase::Truncating(..) => "truncating",
         Phase::Answering(_) | Phase::Closing => "sending an answer",
         Phase::Done => "finished",
@@ -454,6 +570,7 @@ mod tests {
             max_length,
             dtype: Dtype::F16,
             direct: false,
+            push: true,
         })
     }
 
@@ -465,6 +582,7 @@ mod tests {
         let made = Reservation::Made {
             cache_tokens_free: 10,
             direct: None,
+            push: None,
         };
         s.handle(Input::Reserved(made));
         assert!(matches!(s.handle(Input::Sent), Output::SettleLink));
@@ -494,6 +612,110 @@ mod tests {
             }
             other => other,
         }
+    }
+
+    fn target() -> ForwardTarget {
+        ForwardTarget {
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            offer: DirectOffer {
+                port: 9,
+                token: [1; 16],
+                psk: [2; 32],
+            },
+        }
+    }
+
+    /// Sends a chained step and feeds its frame; returns what the session
+    /// then does.
+    fn chain(s: &mut ServerSession, start: u32, n: u32, pushed_in: bool, forward: bool) -> Output {
+        let request = Request::Chain {
+            start,
+            positions: n,
+            pushed_in,
+            forward,
+        };
+        match s.handle(Input::Request(Some(request))) {
+            Output::ReadPushedFrame {
+                start: s0,
+                positions,
+                max_values,
+            } => {
+                assert!(pushed_in, "only a pushed step reads the push connection");
+                assert_eq!((s0, positions, max_values), (start, n, n as usize * 3));
+            }
+            Output::ReadFrame { max_values } => {
+                assert!(!pushed_in);
+                assert_eq!(max_values, n as usize * 3);
+            }
+            other => panic!("a chained step reads its frame first, not {other:?}"),
+        }
+        let dims = vec![1, n as usize, 3];
+        let values = vec![0.5; n as usize * 3];
+        match s.handle(Input::Frame { dims, values }) {
+            Output::Compute { values, .. } => s.handle(Input::Computed(Ok(values))),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn a_chain_reads_pushed_input_and_sends_its_output_on() {
+        let mut s = opened();
+        // Forwarding before a connection is refused, after its frame is read.
+        let r = refusal(chain(&mut s, 0, 1, false, true));
+        assert!(matches!(r, Refusal::CannotForward { .. }), "{r:?}");
+        s.handle(Input::Sent);
+        assert_eq!(s.len(), 0);
+        // A connection that fails is refused; the session goes on.
+        let out = s.handle(Input::Request(Some(Request::Forward(target()))));
+        assert!(matches!(out, Output::Connect(t) if t == target()));
+        let out = s.handle(Input::Connected(Err("no route".into())));
+        assert!(matches!(
+            refusal(out),
+            Refusal::CannotForward { reason } if reason == "no route"
+        ));
+        s.handle(Input::Sent);
+        s.handle(Input::Request(Some(Request::Forward(target()))));
+        assert!(matches!(
+            s.handle(Input::Connected(Ok(()))),
+            Output::Send(Response::Forwarding)
+        ));
+        assert!(matches!(s.handle(Input::Sent), Output::ReadRequest));
+        // Pushed in and forwarded: the next hop gets a Step of the same
+        // positions, and the client the usual answer.
+        let Output::SendTensor {
+            response, forward, ..
+        } = chain(&mut s, 0, 2, true, true)
+        else {
+            panic!("a chained step answers with a frame");
+        };
+        assert_eq!(response, Response::Stepped { positions: 2 });
+        assert_eq!(
+            forward,
+            Some(Request::Step {
+                start: 0,
+                positions: 2
+            })
+        );
+        s.handle(Input::Sent);
+        // Not forwarded when the client does not ask (a relayed step).
+        let Output::SendTensor { forward, .. } = chain(&mut s, 2, 1, false, false) else {
+            panic!("a chained step answers with a frame");
+        };
+        assert_eq!(forward, None);
+        s.handle(Input::Sent);
+        assert_eq!(s.len(), 3);
+        // A pushed frame that never comes ends the session with why.
+        s.handle(Input::Request(Some(Request::Chain {
+            start: 3,
+            positions: 1,
+            pushed_in: true,
+            forward: false,
+        })));
+        let out = s.handle(Input::PushLost("the previous hop hung up".into()));
+        assert!(
+            matches!(out, Output::Send(Response::Failed { message }) if message.contains("hung up"))
+        );
+        assert!(matches!(s.handle(Input::Sent), Output::Finish));
     }
 
     fn refusal(out: Output) -> Refusal {
@@ -572,6 +794,7 @@ mod tests {
         let out = step(&mut s, 0, 2, vec![1, 2, 3]);
         let Output::SendTensor {
             response,
+            forward,
             values,
             dims,
             dtype,
@@ -580,6 +803,7 @@ mod tests {
             panic!("a step answers with a frame");
         };
         assert_eq!(response, Response::Stepped { positions: 2 });
+        assert_eq!(forward, None, "a plain step goes back only");
         assert_eq!((values.len(), dims, dtype), (6, [1, 2, 3], WireDType::F16));
         assert!(matches!(s.handle(Input::Sent), Output::ReadRequest));
         assert_eq!(s.len(), 2);
@@ -695,6 +919,15 @@ mod tests {
                 .prop_map(|(start, positions)| Some(Request::Step { start, positions })),
             (0u32..12).prop_map(|keep| Some(Request::Truncate { keep })),
             Just(Some(Request::Close)),
+            (0u32..12, 0u32..12, any::<bool>(), any::<bool>()).prop_map(
+                |(start, positions, pushed_in, forward)| Some(Request::Chain {
+                    start,
+                    positions,
+                    pushed_in,
+                    forward,
+                })
+            ),
+            Just(Some(Request::Forward(target()))),
         ]
     }
 
@@ -713,20 +946,25 @@ mod tests {
             let mut requests = requests.into_iter();
             let mut input = Input::Request(requests.next().flatten());
             let mut expected_len = 0usize;
+            let mut connects = 0;
             for _ in 0..200 {
                 input = match s.handle(input) {
                     Output::ReadRequest | Output::SettleLink => {
                         prop_assert_eq!(s.len(), expected_len);
                         Input::Request(requests.next().flatten())
                     }
-                    Output::ReadFrame { max_values } => {
+                    Output::ReadFrame { max_values } | Output::ReadPushedFrame { max_values, .. } => {
                         prop_assert!(max_values <= MAX_STEP_POSITIONS * 3);
                         let n = max_values / 3;
                         Input::Frame { dims: vec![1, n, 3], values: vec![0.0; max_values] }
                     }
+                    Output::Connect(_) => {
+                        connects += 1;
+                        Input::Connected(if connects % 2 == 0 { Ok(()) } else { Err("unreachable".into()) })
+                    }
                     Output::Reserve { max_length, .. } => {
                         limit = Some(max_length);
-                        Input::Reserved(Reservation::Made { cache_tokens_free: 0, direct: None })
+                        Input::Reserved(Reservation::Made { cache_tokens_free: 0, direct: None, push: None })
                     }
                     Output::Truncate { keep } => {
                         prop_assert!(keep <= expected_len);
@@ -738,7 +976,11 @@ mod tests {
                         prop_assert!(Some(expected_len) <= limit);
                         Input::Computed(Ok(values))
                     }
-                    Output::Send(_) | Output::SendTensor { .. } => Input::Sent,
+                    Output::SendTensor { forward, .. } => {
+                        prop_assert!(forward.is_none() || connects >= 2, "forwards only once connected");
+                        Input::Sent
+                    }
+                    Output::Send(_) => Input::Sent,
                     Output::Finish => break,
                 };
             }
