@@ -86,6 +86,108 @@ impl SpanBackend for ShardBackend {
             Err(e) => Err(BackendError::Failed(e.to_string())),
         }
     }
+
+    fn batch_rows(&self) -> usize {
+        self.shard().batch_rows()
+    }
+
+    /// Steps of sessions on the same shard and blocks run in one pass
+    /// ([`BlockShard::forward_batch`]); any other step runs alone.
+    fn forward_batch(
+        &self,
+        steps: &mut [(&mut dyn SpanState, Vec<f32>, usize)],
+    ) -> Vec<Result<Vec<f32>, BackendError>> {
+        let mut results: Vec<Option<Result<Vec<f32>, BackendError>>> =
+            (0..steps.len()).map(|_| None).collect();
+        // Groups of steps that can share a pass: same shard, same blocks.
+        let mut groups: Vec<(Arc<BlockShard>, BlockRange, Vec<usize>)> = Vec::new();
+        for (i, (state, _, _)) in steps.iter_mut().enumerate() {
+            let Some(session) = state
+                .as_any_mut()
+                .and_then(|any| any.downcast_mut::<ShardSession>())
+            else {
+                continue;
+            };
+            let range = session.cache.range();
+            match groups
+                .iter_mut()
+                .find(|(shard, r, _)| Arc::ptr_eq(shard, &session.shard) && *r == range)
+            {
+                Some((_, _, members)) => members.push(i),
+                None => groups.push((session.shard.clone(), range, vec![i])),
+            }
+        }
+        for (shard, _, members) in groups.into_iter().filter(|g| g.2.len() > 1) {
+            let hidden = shard.config().hidden_size;
+            let mut inputs = Vec::with_capacity(members.len());
+            for &i in &members {
+                let (_, values, positions) = &mut steps[i];
+                let input = Tensor::from_vec(
+                    std::mem::take(values),
+                    (1, *positions, hidden),
+                    &Device::Cpu,
+                )
+                .and_then(|t| t.to_device(shard.device()));
+                inputs.push(input);
+            }
+            let inputs: Result<Vec<Tensor>, _> = inputs.into_iter().collect();
+            let outcome = inputs.map_err(|e| e.to_string()).and_then(|inputs| {
+                let mut caches: Vec<(&Tensor, &mut SessionCache)> = Vec::new();
+                let mut states: Vec<&mut (&mut dyn SpanState, Vec<f32>, usize)> = steps
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| members.contains(i))
+                    .map(|(_, step)| step)
+                    .collect();
+                for (step, input) in states.iter_mut().zip(&inputs) {
+                    let session = step
+                        .0
+                        .as_any_mut()
+                        .and_then(|any| any.downcast_mut::<ShardSession>())
+                        .ok_or_else(|| "a batched session changed kind".to_string())?;
+                    caches.push((input, &mut session.cache));
+                }
+                shard
+                    .forward_batch(&mut caches)
+                    .map_err(|e| e.to_string())
+                    .and_then(|outs| {
+                        outs.iter()
+                            .map(|o| to_values(o).map_err(|e| e.to_string()))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+            });
+            match outcome {
+                Ok(outs) => {
+                    for (&i, out) in members.iter().zip(outs) {
+                        results[i] = Some(Ok(out));
+                    }
+                }
+                // Every session of the failed pass fails with it.
+                Err(message) => {
+                    for &i in &members {
+                        results[i] = Some(Err(BackendError::Failed(message.clone())));
+                    }
+                }
+            }
+        }
+        steps
+            .iter_mut()
+            .zip(results)
+            .map(|((state, values, positions), done)| match done {
+                Some(result) => result,
+                None => state.forward(std::mem::take(values), *positions),
+            })
+            .collect()
+    }
+}
+
+/// A step's output tensor as the values the protocol sends.
+fn to_values(output: &Tensor) -> Result<Vec<f32>, BackendError> {
+    output
+        .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| BackendError::Failed(e.to_string()))
 }
 
 /// One session on a [`ShardBackend`]: its KV cache.
@@ -113,10 +215,10 @@ impl SpanState for ShardSession {
             .shard
             .forward(&input, &mut self.cache)
             .map_err(|e| BackendError::Failed(e.to_string()))?;
-        output
-            .flatten_all()
-            .and_then(|t| t.to_dtype(DType::F32))
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| BackendError::Failed(e.to_string()))
+        to_values(&output)
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 }

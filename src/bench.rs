@@ -98,9 +98,10 @@ pub struct BenchSettings {
 
 /// The sections of a run, in order: `local` (decode, prefill, bandwidth),
 /// `hop` (one hop against raw TCP), `swarm` (three servers against local),
-/// `petals` (the shape Petals was measured on), `wan` (three servers across
-/// an emulated WAN; needs root, skipped with a warning otherwise).
-pub const SECTIONS: [&str; 5] = ["local", "hop", "swarm", "petals", "wan"];
+/// `petals` (the shape Petals was measured on), `sessions` (one server's
+/// 16 concurrent sessions against one), `wan` (three servers across an
+/// emulated WAN; needs root, skipped with a warning otherwise).
+pub const SECTIONS: [&str; 6] = ["local", "hop", "swarm", "petals", "sessions", "wan"];
 
 impl BenchSettings {
     /// Whether `section` is to run.

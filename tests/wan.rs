@@ -157,22 +157,38 @@ fn a_swarm_across_the_wan_generates_what_runs_locally() {
         let opts = options.clone();
         let out = swarm
             .with_client(move |client| async move {
-                let out = client.generate(&prompt, &opts, &mut |_| true).await?;
-                Ok((out, client.plan().await?))
+                let pushed = client.generate(&prompt, &opts, &mut |_| true).await?;
+                let relay = client
+                    .session_options()
+                    .clone()
+                    .with_push(false)
+                    .with_max_length(client.max_length(prompt.len(), &opts) as u32);
+                let mut session = client.session_with(relay).await?;
+                assert!(!session.is_pushing());
+                let relayed = client
+                    .generate_in(&mut session, &prompt, &opts, &mut |_| true)
+                    .await;
+                session.close().await;
+                Ok((pushed, relayed?, client.plan().await?))
             })
             .await
             .unwrap();
-        let (generation, plan) = out;
+        let (generation, relayed, plan) = out;
         assert_eq!(generation.output.tokens, local.tokens);
-        // Both servers were measured across the WAN, and each token waited
-        // a round trip per server.
+        assert_eq!(relayed.output.tokens, local.tokens);
+        // Both servers were measured across the WAN. Relayed, each token
+        // waited a round trip per server; pushed, half a round trip per
+        // link of client -> server -> server -> client.
         assert_eq!(generation.route.len(), 2, "{:?}", generation.route);
         let rtts: Vec<_> = plan.survey.candidates.iter().map(|c| c.rtt).collect();
         assert_eq!(rtts.len(), 2);
         assert!(rtts.iter().all(|r| r.is_some_and(|r| r >= rtt)), "{rtts:?}");
-        let steps = generation.output.tokens.len() - 1;
-        let per_token = generation.output.decode / steps as u32;
-        assert!(per_token >= rtt * 2, "{per_token:?} per token");
+        let per_token =
+            |g: &sherpa_swarm::Generation| g.output.decode / (g.output.tokens.len() - 1) as u32;
+        let (pushed, relay) = (per_token(&generation), per_token(&relayed));
+        assert!(pushed >= rtt * 3 / 2, "{pushed:?} per token pushed");
+        assert!(relay >= rtt * 2, "{relay:?} per token relayed");
+        eprintln!("{pushed:?} per token pushed, {relay:?} relayed");
         swarm.shutdown().await;
     });
     let _ = std::fs::remove_dir_all(&dir);

@@ -6,6 +6,8 @@
 //! - decode speed through a tracker and three servers in this process
 //!   against the same model run locally;
 //! - the shape Petals was measured on, through two servers and locally;
+//! - one server's aggregate decode steps with 16 sessions stepping at once
+//!   against one session alone;
 //! - decode through three servers across an emulated WAN ([`super::wan`]),
 //!   against the bound a client relaying every hop cannot pass.
 
@@ -180,6 +182,9 @@ pub async fn run_swarm(
     if settings.runs("petals") {
         petals_shape(settings, report).await?;
     }
+    if settings.runs("sessions") {
+        concurrent_sessions(path, settings, report).await?;
+    }
     if settings.runs("wan") {
         match super::wan::Wan::available() {
             Ok(()) => {
@@ -322,6 +327,102 @@ async fn wan_decode(
         &format!("wan{rtt_ms}ms_3servers_speculative_tokens_per_step"),
         median(per_step),
         "tokens/step",
+    ));
+    Ok(())
+}
+
+/// Sessions stepping at once on one server.
+const CONCURRENT_SESSIONS: usize = 16;
+
+/// One server hosting every block, and one-token steps sent to it straight
+/// (no client-side head, so the server's work is all that is timed): one
+/// session's steps per second alone, then the aggregate of 16 sessions
+/// stepping at once, in turn each round; `sessions16_aggregate_ratio` is
+/// their ratio, with each session's time per step beside it.
+async fn concurrent_sessions(
+    path: &Path,
+    settings: &BenchSettings,
+    report: &mut (dyn FnMut(BenchRecord) + Send),
+) -> Result<(), SherpaError> {
+    let file = path.to_string_lossy().into_owned();
+    let id = ModelId::new("bench-sessions")?;
+    let swarm = LocalSwarm::start(&file, id.clone(), 1).await?;
+    let server = swarm
+        .servers
+        .first()
+        .ok_or_else(|| net("the swarm has no server"))?;
+    let (node, peer) = (swarm.client.node().clone(), server.node().peer_id());
+    let blocks = server.shard().range();
+    let hidden = server.shard().config().hidden_size;
+    let steps = settings.new_tokens.max(4);
+    let open = OpenSession {
+        version: INFER_VERSION,
+        model: id,
+        blocks,
+        max_length: (8 + 2 * steps * (settings.repeats.max(1) + 1)) as u32,
+        dtype: Dtype::F16,
+        direct: true,
+        push: false,
+    };
+    let mut sessions = Vec::with_capacity(CONCURRENT_SESSIONS);
+    for _ in 0..CONCURRENT_SESSIONS {
+        let mut session = RemoteSession::connect(&node, peer, open.clone()).await?;
+        session.step(&vec![0.01; 8 * hidden]).await?;
+        sessions.push(session);
+    }
+    let x: Vec<f32> = (0..hidden)
+        .map(|i| ((i % 17) as f32 - 8.0) / 80.0)
+        .collect();
+    let (mut ratios, mut one, mut all, mut latency) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..=settings.repeats.max(1) {
+        let started = Instant::now();
+        for _ in 0..steps {
+            sessions[0].step(&x).await?;
+        }
+        let alone = steps as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        for _ in 0..steps {
+            let outs = futures::future::join_all(sessions.iter_mut().map(|s| s.step(&x))).await;
+            for out in outs {
+                out?;
+            }
+        }
+        let took = started.elapsed().as_secs_f64();
+        let together = (CONCURRENT_SESSIONS * steps) as f64 / took;
+        if round > 0 {
+            ratios.push(together / alone);
+            one.push(alone);
+            all.push(together);
+            latency.push(took / steps as f64 * 1e3);
+        }
+    }
+    for session in sessions {
+        let _ = session.close().await;
+    }
+    let counts = server.steps();
+    swarm.shutdown().await;
+    report(BenchRecord::plain(
+        "sessions1_steps_per_s",
+        median(one),
+        "steps/s",
+    ));
+    report(BenchRecord {
+        name: "sessions16_aggregate_ratio".into(),
+        value: median(all),
+        unit: "steps/s",
+        ratio: Some(median(ratios)),
+        target: Some(4.0),
+    });
+    report(BenchRecord::plain(
+        "sessions16_step_ms",
+        median(latency),
+        "ms",
+    ));
+    report(BenchRecord::plain(
+        "sessions16_batched_share",
+        counts.batched as f64 / counts.steps.max(1) as f64,
+        "of steps",
     ));
     Ok(())
 }

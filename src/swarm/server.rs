@@ -644,6 +644,12 @@ impl Server {
         self.service.direct_listen_port()
     }
 
+    /// Steps computed so far, and how many shared a pass with other
+    /// sessions' steps.
+    pub fn steps(&self) -> swarm_dht::session::StepCounts {
+        self.service.steps()
+    }
+
     /// Bandwidth measured against the tracker at start-up.
     pub fn bandwidth(&self) -> Option<swarm_dht::Bandwidth> {
         self.bandwidth

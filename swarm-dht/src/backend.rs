@@ -45,6 +45,29 @@ pub trait SpanBackend: Send + Sync + std::fmt::Debug + 'static {
         blocks: BlockRange,
         max_length: usize,
     ) -> Result<Box<dyn SpanState>, BackendError>;
+
+    /// Most positions, of all sessions together, that
+    /// [`SpanBackend::forward_batch`] runs in one pass with each session's
+    /// output what it would get alone; 1 (the default) when it does not
+    /// batch.
+    fn batch_rows(&self) -> usize {
+        1
+    }
+
+    /// Runs several sessions' steps (`(state, values, positions)`, each as
+    /// [`SpanState::forward`] takes them) together, one result per step in
+    /// order. The default runs them one after another; a backend that can
+    /// run them in one pass (reading its weights once for all) does so for
+    /// up to [`SpanBackend::batch_rows`] positions.
+    fn forward_batch(
+        &self,
+        steps: &mut [(&mut dyn SpanState, Vec<f32>, usize)],
+    ) -> Vec<Result<Vec<f32>, BackendError>> {
+        steps
+            .iter_mut()
+            .map(|(state, values, positions)| state.forward(std::mem::take(values), *positions))
+            .collect()
+    }
 }
 
 /// One session's state on a backend: its KV cache. Dropping it frees the
@@ -66,4 +89,11 @@ pub trait SpanState: Send + 'static {
     /// returns the output hidden states, same shape. May take long: the
     /// service calls it off the network's threads when it expects that.
     fn forward(&mut self, values: Vec<f32>, positions: usize) -> Result<Vec<f32>, BackendError>;
+
+    /// The state as `Any`, for a backend's [`SpanBackend::forward_batch`]
+    /// to find its own sessions' states; `None` (the default) keeps this
+    /// state out of batches.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }

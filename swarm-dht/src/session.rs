@@ -42,6 +42,7 @@ pub struct InferenceService {
     hub: OnceLock<DirectHub>,
     pace: Pace,
     sessions: AtomicUsize,
+    batches: Batcher,
 }
 
 impl std::fmt::Debug for InferenceService {
@@ -65,6 +66,7 @@ impl InferenceService {
             hub: OnceLock::new(),
             pace: Pace::default(),
             sessions: AtomicUsize::new(0),
+            batches: Batcher::default(),
         }
     }
 
@@ -76,6 +78,16 @@ impl InferenceService {
     /// Sessions open now.
     pub fn sessions(&self) -> usize {
         self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Steps computed so far, and how many of them ran in a pass shared
+    /// with other sessions' steps.
+    pub fn steps(&self) -> StepCounts {
+        StepCounts {
+            steps: self.batches.steps.load(Ordering::Relaxed),
+            batched: self.batches.batched.load(Ordering::Relaxed),
+            passes: self.batches.passes.load(Ordering::Relaxed),
+        }
     }
 
     /// Blocks x tokens per second of one-position steps that ran alone,
@@ -266,8 +278,7 @@ impl InferenceService {
                     work,
                 } => match state.take() {
                     Some(taken) => {
-                        let (out, back) =
-                            compute(values, positions, taken, &self.pace, work).await?;
+                        let (out, back) = self.run_step(values, positions, taken, work).await?;
                         state = Some(back);
                         Input::Computed(out)
                     }
@@ -310,6 +321,252 @@ impl InferenceService {
             };
         }
     }
+}
+
+impl InferenceService {
+    /// Runs one session's step: alone on a backend that does not batch;
+    /// else through the [`Batcher`], which runs the steps of sessions
+    /// arriving together in one pass. A long prompt, while other sessions
+    /// are open, goes in chunks of [`PREFILL_CHUNK`] positions, so their
+    /// decode steps run between the chunks instead of waiting for all of
+    /// it.
+    async fn run_step(
+        &self,
+        values: Vec<f32>,
+        positions: usize,
+        state: Box<dyn SpanState>,
+        work: usize,
+    ) -> Result<Stepped, DhtError> {
+        let rows = self.backend.batch_rows();
+        if rows <= 1 {
+            return compute(values, positions, state, &self.pace, work).await;
+        }
+        if positions <= PREFILL_CHUNK || self.sessions() <= 1 {
+            let job = Job {
+                state,
+                values,
+                positions,
+            };
+            return self.batches.step(self, job, rows).await;
+        }
+        let hidden = values.len() / positions.max(1);
+        let mut state = state;
+        let mut out = Vec::with_capacity(values.len());
+        for chunk in values.chunks(PREFILL_CHUNK * hidden.max(1)) {
+            let n = chunk.len() / hidden.max(1);
+            let job = Job {
+                state,
+                values: chunk.to_vec(),
+                positions: n,
+            };
+            let (done, back) = self.batches.step(self, job, rows).await?;
+            state = back;
+            match done {
+                Ok(values) => out.extend(values),
+                Err(e) => return Ok((Err(e), state)),
+            }
+        }
+        Ok((Ok(out), state))
+    }
+}
+
+/// A prompt longer than this, while other sessions are open, runs in
+/// chunks of this many positions.
+const PREFILL_CHUNK: usize = 128;
+
+/// Steps of at most this many positions (decode steps, speculative ones)
+/// join others' in one pass.
+const BATCHED_STEP: usize = 8;
+
+/// One session's step, handed to whoever runs the next pass.
+struct Job {
+    state: Box<dyn SpanState>,
+    values: Vec<f32>,
+    positions: usize,
+}
+
+/// What a waiting step is told: its output, or that it runs the next pass
+/// (its job handed back).
+enum Wake {
+    Done(Result<Vec<f32>, String>, Box<dyn SpanState>),
+    Lead(Job),
+}
+
+/// The steps of a server's sessions, combined: a step arriving while no
+/// pass runs computes at once, on the task that read it (a lone session
+/// pays no hand-off); one arriving during a pass waits, and when the pass
+/// ends the first waiting step runs the next one with every waiting step
+/// that fits (up to the backend's [`SpanBackend::batch_rows`] positions),
+/// so sessions stepping together share passes and the weights are read
+/// once per pass rather than once per session.
+#[derive(Default)]
+struct Batcher {
+    queue: std::sync::Mutex<BatchQueue>,
+    steps: AtomicU64,
+    batched: AtomicU64,
+    passes: AtomicU64,
+}
+
+/// A server's step counts ([`InferenceService::steps`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepCounts {
+    /// Steps computed (a chunked prompt counts each chunk).
+    pub steps: u64,
+    /// Of those, the ones that shared a pass with other sessions' steps.
+    pub batched: u64,
+    /// Passes that ran several sessions' steps together.
+    pub passes: u64,
+}
+
+#[derive(Default)]
+struct BatchQueue {
+    /// A pass is under way (or its leader is handing over).
+    running: bool,
+    waiting: std::collections::VecDeque<(Job, tokio::sync::oneshot::Sender<Wake>)>,
+}
+
+/// Hands the next pass to the first waiting step when the leader is done
+/// (or its task dropped mid-way), or marks the batcher idle.
+struct Handover<'a>(&'a Batcher);
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.lock();
+        while let Some((job, wake)) = queue.waiting.pop_front() {
+            // A waiter whose task has gone takes its job (and cache) with it.
+            if wake.send(Wake::Lead(job)).is_ok() {
+                return;
+            }
+        }
+        queue.running = false;
+    }
+}
+
+impl Batcher {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchQueue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `job` in a pass, leading it or waiting for one; returns its
+    /// output and state.
+    async fn step(
+        &self,
+        service: &InferenceService,
+        job: Job,
+        rows: usize,
+    ) -> Result<Stepped, DhtError> {
+        let waiting = {
+            let mut queue = self.lock();
+            if queue.running {
+                let (wake, woken) = tokio::sync::oneshot::channel();
+                queue.waiting.push_back((job, wake));
+                Err(woken)
+            } else {
+                queue.running = true;
+                Ok(job)
+            }
+        };
+        let job = match waiting {
+            Ok(job) => job,
+            Err(woken) => match woken.await {
+                Ok(Wake::Done(out, state)) => return Ok((out, state)),
+                Ok(Wake::Lead(job)) => job,
+                Err(_) => return Err(DhtError::Transport("the server's pass was dropped".into())),
+            },
+        };
+        let handover = Handover(self);
+        // This step, and the waiting small steps that fit beside it.
+        let mut others = Vec::new();
+        if job.positions <= BATCHED_STEP {
+            let mut queue = self.lock();
+            let mut used = job.positions;
+            let mut kept = std::collections::VecDeque::new();
+            while let Some((other, wake)) = queue.waiting.pop_front() {
+                if other.positions <= BATCHED_STEP && used + other.positions <= rows {
+                    used += other.positions;
+                    others.push((other, wake));
+                } else {
+                    kept.push_back((other, wake));
+                }
+            }
+            queue.waiting = kept;
+        }
+        let together = 1 + others.len() as u64;
+        self.steps.fetch_add(together, Ordering::Relaxed);
+        if together > 1 {
+            self.batched.fetch_add(together, Ordering::Relaxed);
+            self.passes.fetch_add(1, Ordering::Relaxed);
+        }
+        let (mine, theirs) = run_pass(service, job, others).await?;
+        for (wake, out, state) in theirs {
+            // A waiter gone meanwhile drops its state, freeing its cache.
+            let _ = wake.send(Wake::Done(out, state));
+        }
+        drop(handover);
+        Ok(mine)
+    }
+}
+
+/// A step's output (or why it failed) and its session's state.
+type Stepped = (Result<Vec<f32>, String>, Box<dyn SpanState>);
+
+/// A waiting step's output, with the sender that wakes it.
+type Woken = (
+    tokio::sync::oneshot::Sender<Wake>,
+    Result<Vec<f32>, String>,
+    Box<dyn SpanState>,
+);
+
+/// One pass over `job` and `others` (each with the sender to wake it).
+async fn run_pass(
+    service: &InferenceService,
+    job: Job,
+    others: Vec<(Job, tokio::sync::oneshot::Sender<Wake>)>,
+) -> Result<(Stepped, Vec<Woken>), DhtError> {
+    if others.is_empty() {
+        let work = job.positions * service.backend.blocks().len() as usize;
+        let out = compute(job.values, job.positions, job.state, &service.pace, work).await?;
+        return Ok((out, Vec::new()));
+    }
+    let (wakes, mut jobs): (Vec<_>, Vec<_>) = others.into_iter().map(|(j, w)| (w, j)).unzip();
+    jobs.insert(0, job);
+    let backend = service.backend.clone();
+    let run = move || {
+        let mut steps: Vec<(&mut dyn SpanState, Vec<f32>, usize)> = jobs
+            .iter_mut()
+            .map(|j| (j.state.as_mut(), std::mem::take(&mut j.values), j.positions))
+            .collect();
+        let outs = backend.forward_batch(&mut steps);
+        drop(steps);
+        jobs.into_iter()
+            .zip(outs)
+            .map(|(j, out)| (out.map_err(|e| e.to_string()), j.state))
+            .collect::<Vec<_>>()
+    };
+    let (_running, _) = Counted::enter(&service.pace.running);
+    let multi_threaded = matches!(
+        tokio::runtime::Handle::current().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::MultiThread
+    );
+    let outs = if multi_threaded {
+        tokio::task::block_in_place(run)
+    } else {
+        tokio::task::spawn_blocking(run)
+            .await
+            .map_err(|e| DhtError::Transport(format!("session task: {e}")))?
+    };
+    let mut outs = outs.into_iter();
+    let mine = outs
+        .next()
+        .ok_or_else(|| DhtError::Transport("a pass lost its first step".into()))?;
+    let theirs = wakes
+        .into_iter()
+        .zip(outs)
+        .map(|(wake, (out, state))| (wake, out, state))
+        .collect();
+    Ok((mine, theirs))
 }
 
 /// Most times one session may have its server connect to a next hop.

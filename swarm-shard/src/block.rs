@@ -78,6 +78,14 @@ enum GateUp {
     Fused(Linear),
 }
 
+/// One session's share of a block's rows: how many, its cache's layer,
+/// and where its positions stand.
+pub(crate) struct Part<'k, 'c> {
+    pub seq: usize,
+    pub kv: &'k mut LayerKv,
+    pub ctx: &'c StepContext<'c>,
+}
+
 /// What a block needs besides its input for one step.
 #[derive(Debug)]
 pub(crate) struct StepContext<'a> {
@@ -215,6 +223,28 @@ impl Block {
         self.weight_bytes
     }
 
+    /// Most rows of sessions' steps that run together and each come out as
+    /// alone ([`Linear::exact_rows`] of every matrix).
+    pub(crate) fn exact_rows(&self) -> usize {
+        let mlp_rows = |m: &Mlp| {
+            let gate_up = match &m.gate_up {
+                GateUp::Separate { gate, up } => gate.exact_rows().min(up.exact_rows()),
+                GateUp::Fused(both) => both.exact_rows(),
+            };
+            gate_up.min(m.down.exact_rows())
+        };
+        let qkv = match &self.qkv {
+            Qkv::Separate { q, k, v } => q.exact_rows().min(k.exact_rows()).min(v.exact_rows()),
+            Qkv::Fused(all) => all.exact_rows(),
+        };
+        let ffn = match &self.ffn {
+            Ffn::Dense(mlp) => mlp_rows(mlp),
+            // Rows are routed to experts: the number each takes varies.
+            Ffn::Experts { .. } => 1,
+        };
+        qkv.min(self.o_proj.exact_rows()).min(ffn)
+    }
+
     /// Whether this block attends through a sliding window.
     pub(crate) fn windowed(&self) -> bool {
         self.window.is_some()
@@ -254,20 +284,61 @@ impl Block {
         }
     }
 
-    /// Runs the block on `xs` (1, seq, hidden), appending this step's keys and
-    /// values to `kv`.
-    pub(crate) fn forward(
-        &self,
-        xs: &Tensor,
-        kv: &mut LayerKv,
-        ctx: &StepContext<'_>,
-    ) -> Result<Tensor> {
+    /// Runs the block on the rows of several sessions at once: `xs` is
+    /// (1, rows, hidden), the rows of each part one after another (`seq`
+    /// of them), each part appending its keys and values to its own
+    /// `kv`. Every matrix product takes all rows together (the weights
+    /// are read once for them); attention runs per part. A part's rows
+    /// come out as they do when it runs alone.
+    pub(crate) fn forward(&self, xs: &Tensor, parts: &mut [Part<'_, '_>]) -> Result<Tensor> {
         let _busy = crate::pool::busy();
-        let (batch, seq, hidden) = xs.dims3()?;
+        let (batch, rows, hidden) = xs.dims3()?;
         let residual = xs;
         let x = self.norm(xs, &self.attn_norm)?;
 
-        let (q, k, v) = self.project_qkv(&x)?; // (batch, seq, heads * head_dim)
+        let (q_all, k_all, v_all) = self.project_qkv(&x)?; // (batch, rows, heads * head_dim)
+        let y = if let [part] = parts {
+            self.attend(q_all, k_all, v_all, part)?
+        } else {
+            let mut ys = Vec::with_capacity(parts.len());
+            let mut at = 0;
+            for part in parts.iter_mut() {
+                let take = |t: &Tensor| t.narrow(1, at, part.seq);
+                ys.push(self.attend(take(&q_all)?, take(&k_all)?, take(&v_all)?, part)?);
+                at += part.seq;
+            }
+            Tensor::cat(&ys, 1)?
+        };
+        let attn = self.o_proj.forward(&y)?;
+        let attn = match &self.post_attn_norm {
+            Some(norm) => self.norm(&attn, norm)?,
+            None => attn,
+        };
+        let xs = (residual + attn)?;
+
+        let x = self.norm(&xs, &self.ffn_norm)?;
+        let mlp = match &self.ffn {
+            Ffn::Dense(mlp) => mlp.forward(&x, self.activation)?,
+            Ffn::Experts {
+                router,
+                experts,
+                per_token,
+            } => self.experts(&x, router, experts, *per_token)?,
+        };
+        let mlp = match &self.post_ffn_norm {
+            Some(norm) => self.norm(&mlp, norm)?,
+            None => mlp,
+        };
+        debug_assert_eq!(mlp.dims3()?, (batch, rows, hidden));
+        Ok((xs + mlp)?)
+    }
+
+    /// Attention of one part's rows: its queries, keys and values, each
+    /// (1, seq, heads * head_dim), against its cache; the result has the
+    /// queries' shape.
+    fn attend(&self, q: Tensor, k: Tensor, v: Tensor, part: &mut Part<'_, '_>) -> Result<Tensor> {
+        let (kv, ctx) = (&mut *part.kv, part.ctx);
+        let (batch, seq, _) = q.dims3()?;
         let q = q.reshape((batch, seq, self.heads, self.head_dim))?;
         let k = k.reshape((batch, seq, self.kv_heads, self.head_dim))?;
         let (q, k) = match &self.qk_norm {
@@ -319,32 +390,9 @@ impl Block {
             Some(y) => y,
             None => att.matmul(&v.contiguous()?)?,
         }; // (batch, kv_heads, group * seq, head_dim)
-        let y = y
-            .reshape((batch, self.heads, seq, self.head_dim))?
+        Ok(y.reshape((batch, self.heads, seq, self.head_dim))?
             .transpose(1, 2)?
-            .reshape((batch, seq, self.heads * self.head_dim))?;
-        let attn = self.o_proj.forward(&y)?;
-        let attn = match &self.post_attn_norm {
-            Some(norm) => self.norm(&attn, norm)?,
-            None => attn,
-        };
-        let xs = (residual + attn)?;
-
-        let x = self.norm(&xs, &self.ffn_norm)?;
-        let mlp = match &self.ffn {
-            Ffn::Dense(mlp) => mlp.forward(&x, self.activation)?,
-            Ffn::Experts {
-                router,
-                experts,
-                per_token,
-            } => self.experts(&x, router, experts, *per_token)?,
-        };
-        let mlp = match &self.post_ffn_norm {
-            Some(norm) => self.norm(&mlp, norm)?,
-            None => mlp,
-        };
-        debug_assert_eq!(mlp.dims3()?, (batch, seq, hidden));
-        Ok((xs + mlp)?)
+            .reshape((batch, seq, self.heads * self.head_dim))?)
     }
 }
 

@@ -93,6 +93,12 @@ unsafe impl Sync for SharedOut {}
 /// use a dense matmul.
 const FUSED_MAX_ROWS: usize = 8;
 
+/// Quantized products of up to this many rows (several sessions' decode
+/// steps run together) go through the fused kernels in groups of
+/// [`FUSED_MAX_ROWS`], each weight row read from memory once for all the
+/// groups; every row comes out as it does alone.
+const FUSED_GROUPED_ROWS: usize = 2 * FUSED_MAX_ROWS;
+
 /// Most f32 bytes of a weight dequantized at once for a dense matmul.
 const DEQUANT_CHUNK_BYTES: usize = 16 << 20;
 
@@ -129,6 +135,17 @@ impl Linear {
                 Err(_) => Self::Candle(QMatMul::Tensor(tensor)),
             },
             _ => Self::Candle(QMatMul::Tensor(tensor)),
+        }
+    }
+
+    /// Most rows a product takes such that each row comes out bit for bit
+    /// as it does alone (the kernels' per-row paths), for batching several
+    /// sessions' steps; 1 where nothing is promised (candle's kernels).
+    pub fn exact_rows(&self) -> usize {
+        match self {
+            Self::Exact(_) => FUSED_GROUPED_ROWS,
+            Self::Dense(_) => FUSED_MAX_ROWS,
+            Self::Candle(_) => 1,
         }
     }
 
@@ -244,7 +261,7 @@ impl DenseF32 {
 impl ExactQuantized {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (m, out_dims) = product_shape(xs, self.cols, self.rows)?;
-        if m > FUSED_MAX_ROWS {
+        if m > FUSED_GROUPED_ROWS {
             return self.dequantized_matmul(xs, m, &out_dims);
         }
         let x: Vec<f32> = xs
@@ -267,22 +284,35 @@ impl ExactQuantized {
                 }
             });
         } else {
-            // Each weight row against every activation row at once: the
-            // weights are read (and widened) once for all of them.
+            // Each weight row against every activation row at once (in
+            // groups of FUSED_MAX_ROWS): the weights are read (and widened)
+            // once for all of them.
             let (rows, cols, format) = (self.rows, self.cols, self.format);
+            let per_row = cols / QK;
             let out_ptr = SharedOut(out.as_mut_ptr());
             crate::pool::execute_chunked(rows, |range| {
                 let out_ptr = &out_ptr;
                 let mut dots = [0f32; FUSED_MAX_ROWS];
                 for row in range {
                     let bytes = &data[row * row_bytes..(row + 1) * row_bytes];
-                    simd::dots(format, bytes, &x, cols, &x_sums, &mut dots[..m]);
-                    for (i, v) in dots[..m].iter().enumerate() {
-                        // SAFETY: row < rows and i < m, so the index is
-                        // inside `out` (m * rows); each row is handed to
-                        // one thread, so no element is written twice, and
-                        // `out` outlives the call, which blocks until done.
-                        unsafe { *out_ptr.0.add(i * rows + row) = *v };
+                    for first in (0..m).step_by(FUSED_MAX_ROWS) {
+                        let n = (m - first).min(FUSED_MAX_ROWS);
+                        simd::dots(
+                            format,
+                            bytes,
+                            &x[first * cols..],
+                            cols,
+                            &x_sums[first * per_row..],
+                            &mut dots[..n],
+                        );
+                        for (i, v) in dots[..n].iter().enumerate() {
+                            // SAFETY: row < rows and first + i < m, so the
+                            // index is inside `out` (m * rows); each row is
+                            // handed to one thread, so no element is
+                            // written twice, and `out` outlives the call,
+                            // which blocks until done.
+                            unsafe { *out_ptr.0.add((first + i) * rows + row) = *v };
+                        }
                     }
                 }
             });

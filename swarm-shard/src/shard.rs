@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use swarm_core::BlockRange;
 
-use crate::block::{Block, StepContext};
+use crate::block::{Block, Part, StepContext};
 use crate::config::ModelConfig;
 use crate::error::{Result, ShardError};
 use crate::kv_cache::{causal_mask, CacheBudget, SessionCache};
@@ -102,56 +102,120 @@ impl BlockShard {
     /// `hidden` is (1, new_positions, hidden_size); the result has the same
     /// shape. Positions continue from what `cache` already holds.
     pub fn forward(&self, hidden: &Tensor, cache: &mut SessionCache) -> Result<Tensor> {
-        let dims = hidden.dims();
-        let well_formed =
-            dims.len() == 3 && dims[0] == 1 && dims[1] > 0 && dims[2] == self.config.hidden_size;
-        if !well_formed {
-            return Err(ShardError::BadHiddenStates {
-                hidden: self.config.hidden_size,
-                actual: dims.to_vec(),
-            });
-        }
-        let span = cache.range();
+        let mut out = self.forward_batch(&mut [(hidden, cache)])?;
+        out.pop()
+            .ok_or_else(|| ShardError::BadSettings("a step gave no output".into()))
+    }
+
+    /// Most positions (of all sessions together) that
+    /// [`BlockShard::forward_batch`] runs such that each session's output
+    /// is bit for bit what it gets alone; 1 when batching promises nothing
+    /// (then run sessions one by one).
+    pub fn batch_rows(&self) -> usize {
+        self.blocks.iter().map(Block::exact_rows).min().unwrap_or(1)
+    }
+
+    /// Runs several sessions' next positions in one pass: each is a
+    /// [`BlockShard::forward`] (hidden states (1, positions, hidden_size)
+    /// and the session's cache), and every cache must cover the same
+    /// blocks. All the positions go through each matrix product together,
+    /// so the weights are read once per pass instead of once per session;
+    /// attention runs per session. Each output is what `forward` gives
+    /// for that session alone. On error no cache has advanced, though
+    /// some may hold the failed step's keys past their length.
+    pub fn forward_batch(&self, steps: &mut [(&Tensor, &mut SessionCache)]) -> Result<Vec<Tensor>> {
+        let Some(span) = steps.first().map(|(_, cache)| cache.range()) else {
+            return Ok(Vec::new());
+        };
         if span.start() < self.range.start() || span.end() > self.range.end() {
             return Err(ShardError::BadSettings(format!(
                 "session cache is for blocks {span} but this shard computes {}",
                 self.range
             )));
         }
+        let mut seqs = Vec::with_capacity(steps.len());
+        for (hidden, cache) in steps.iter() {
+            let dims = hidden.dims();
+            let well_formed = dims.len() == 3
+                && dims[0] == 1
+                && dims[1] > 0
+                && dims[2] == self.config.hidden_size;
+            if !well_formed {
+                return Err(ShardError::BadHiddenStates {
+                    hidden: self.config.hidden_size,
+                    actual: dims.to_vec(),
+                });
+            }
+            if cache.range() != span {
+                return Err(ShardError::BadSettings(format!(
+                    "sessions of blocks {span} and {} cannot run in one pass",
+                    cache.range()
+                )));
+            }
+            cache.check_room(dims[1])?;
+            seqs.push(dims[1]);
+        }
         let first = (span.start() - self.range.start()) as usize;
-        let seq = dims[1];
-        cache.check_room(seq)?;
-        let start = cache.len();
         let blocks = || self.blocks.iter().skip(first).take(span.len() as usize);
+        let windowed = blocks().any(Block::windowed);
         // Rows are (query-head group, position); every group gets the same mask.
         let group = self.config.gqa_group();
-        let mask = if seq > 1 {
-            Some(causal_mask(seq, start, None, &self.device)?.repeat((group, 1))?)
-        } else {
-            None
-        };
-        let window_mask = match self.config.sliding_window {
-            Some(window) if seq > 1 && blocks().any(Block::windowed) => {
-                Some(causal_mask(seq, start, Some(window), &self.device)?.repeat((group, 1))?)
-            }
-            _ => None,
-        };
-        let ctx = StepContext {
-            rope: &self.rope,
-            start,
-            mask: mask.as_ref(),
-            window_mask: window_mask.as_ref(),
-            max_tokens: cache.max_tokens(),
-        };
-        let mut xs = hidden.to_dtype(candle_core::DType::F32)?;
-        for (offset, block) in blocks().enumerate() {
-            let kv = cache.layer(offset).ok_or_else(|| {
-                ShardError::BadSettings("session cache has fewer layers than the shard".into())
-            })?;
-            xs = block.forward(&xs, kv, &ctx)?;
+        let mut masks = Vec::with_capacity(steps.len());
+        for ((_, cache), &seq) in steps.iter().zip(&seqs) {
+            let start = cache.len();
+            let mask = if seq > 1 {
+                Some(causal_mask(seq, start, None, &self.device)?.repeat((group, 1))?)
+            } else {
+                None
+            };
+            let window_mask = match self.config.sliding_window {
+                Some(window) if seq > 1 && windowed => {
+                    Some(causal_mask(seq, start, Some(window), &self.device)?.repeat((group, 1))?)
+                }
+                _ => None,
+            };
+            masks.push((start, cache.max_tokens(), mask, window_mask));
         }
-        cache.advance(seq);
-        Ok(xs)
+        let contexts: Vec<StepContext<'_>> = masks
+            .iter()
+            .map(|(start, max_tokens, mask, window_mask)| StepContext {
+                rope: &self.rope,
+                start: *start,
+                mask: mask.as_ref(),
+                window_mask: window_mask.as_ref(),
+                max_tokens: *max_tokens,
+            })
+            .collect();
+        let inputs: Vec<Tensor> = steps
+            .iter()
+            .map(|(hidden, _)| hidden.to_dtype(candle_core::DType::F32))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut xs = match inputs.as_slice() {
+            [one] => one.clone(),
+            many => Tensor::cat(many, 1)?,
+        };
+        for (offset, block) in blocks().enumerate() {
+            let mut parts = Vec::with_capacity(steps.len());
+            for (((_, cache), ctx), &seq) in steps.iter_mut().zip(&contexts).zip(&seqs) {
+                let kv = cache.layer(offset).ok_or_else(|| {
+                    ShardError::BadSettings("session cache has fewer layers than the shard".into())
+                })?;
+                parts.push(Part { seq, kv, ctx });
+            }
+            xs = block.forward(&xs, &mut parts)?;
+        }
+        let mut outputs = Vec::with_capacity(steps.len());
+        let mut at = 0;
+        for ((_, cache), &seq) in steps.iter_mut().zip(&seqs) {
+            cache.advance(seq);
+            outputs.push(if seqs.len() == 1 {
+                xs.clone()
+            } else {
+                xs.narrow(1, at, seq)?.contiguous()?
+            });
+            at += seq;
+        }
+        Ok(outputs)
     }
 }
 

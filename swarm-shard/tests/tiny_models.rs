@@ -475,3 +475,102 @@ fn hf_directories_bring_their_tokenizer_and_chat_template() {
         "hell hello"
     );
 }
+
+/// Sessions at different places, stepping together in one pass
+/// (`forward_batch`), get bit for bit what each gets stepping alone: for
+/// dense and quantized weights, decode steps and speculative ones, up to
+/// the shard's batch_rows positions per pass; sessions over other blocks
+/// are refused.
+#[test]
+fn sessions_batched_together_get_what_they_get_alone() {
+    let spec = TinyModelSpec {
+        hidden_size: 64,
+        intermediate_size: 128,
+        layers: 3,
+        ..TinyModelSpec::default()
+    };
+    for (dtype, rows) in [
+        (GgmlDType::F32, 8),
+        (GgmlDType::Q4_1, 16),
+        (GgmlDType::Q8_0, 16),
+        (GgmlDType::Q4_0, 16),
+    ] {
+        let files = ModelFiles::open(tiny_gguf(&spec, dtype, &format!("batch-{dtype:?}"))).unwrap();
+        let range = BlockRange::full(3).unwrap();
+        let shard = BlockShard::load(&files, range, &Device::Cpu, WeightPrecision::Native).unwrap();
+        assert_eq!(shard.batch_rows(), rows, "{dtype:?}");
+        let head = ClientHead::load(&files, &Device::Cpu, WeightPrecision::Native).unwrap();
+        let budget = CacheBudget::unlimited();
+        // 1 to 3 positions each: 2 of each size in 6 sessions (12 rows),
+        // 1 of each in 3 (6 rows).
+        let sessions = if rows >= 12 { 6 } else { 3 };
+        let mut alone: Vec<_> = (0..sessions)
+            .map(|_| shard.new_session(64, &budget).unwrap())
+            .collect();
+        let mut together: Vec<_> = (0..sessions)
+            .map(|_| shard.new_session(64, &budget).unwrap())
+            .collect();
+        // Prompts of different lengths (run alone), then rounds of steps
+        // of 1 to 3 positions, together.
+        let ids = |s: usize, round: usize, n: usize| -> Vec<u32> {
+            (0..n)
+                .map(|i| ((s * 31 + round * 7 + i * 3) % 250 + 1) as u32)
+                .collect()
+        };
+        for round in 0..5 {
+            let inputs: Vec<Tensor> = (0..sessions)
+                .map(|s| {
+                    let n = if round == 0 {
+                        2 + s
+                    } else {
+                        1 + (s + round) % 3
+                    };
+                    head.embed(&ids(s, round, n)).unwrap()
+                })
+                .collect();
+            let total: usize = inputs.iter().map(|x| x.dims()[1]).sum();
+            assert!(round == 0 || total <= shard.batch_rows());
+            let want: Vec<Vec<f32>> = inputs
+                .iter()
+                .zip(alone.iter_mut())
+                .map(|(x, cache)| {
+                    shard
+                        .forward(x, cache)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            let got = if round == 0 {
+                inputs
+                    .iter()
+                    .zip(together.iter_mut())
+                    .map(|(x, cache)| shard.forward(x, cache).unwrap())
+                    .collect()
+            } else {
+                let mut steps: Vec<(&Tensor, &mut swarm_shard::SessionCache)> =
+                    inputs.iter().zip(together.iter_mut()).collect();
+                shard.forward_batch(&mut steps).unwrap()
+            };
+            for (s, (got, want)) in got.iter().zip(&want).enumerate() {
+                let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(&got, want, "{dtype:?}, round {round}, session {s}");
+            }
+        }
+        for (a, b) in alone.iter().zip(&together) {
+            assert_eq!(a.len(), b.len());
+        }
+        // A session over other blocks cannot share the pass.
+        let mut other = shard
+            .new_session_for(BlockRange::new(0, 2).unwrap(), 8, &budget)
+            .unwrap();
+        let x = head.embed(&[5]).unwrap();
+        let mut steps = vec![(&x, &mut together[0]), (&x, &mut other)];
+        assert!(matches!(
+            shard.forward_batch(&mut steps),
+            Err(ShardError::BadSettings(_))
+        ));
+    }
+}
