@@ -73,6 +73,20 @@ struct Swarm {
 }
 
 impl Swarm {
+    /// A swarm of honest servers (name, blocks), each with room for 4
+    /// sessions, and their nodes.
+    async fn with_servers(
+        name: &str,
+        servers: &[(&'static str, BlockRange)],
+    ) -> (Self, Vec<(&'static str, Node)>) {
+        let mut swarm = Self::new(name).await;
+        let mut nodes = Vec::new();
+        for (i, &(server, blocks)) in servers.iter().enumerate() {
+            nodes.push((server, swarm.server(i as u8 + 1, server, blocks, 4).await));
+        }
+        (swarm, nodes)
+    }
+
     async fn new(name: &str) -> Self {
         let files = tiny(name);
         let tracker = Node::start(NodeConfig::new(key(0)).with_record_ttl(TTL))
@@ -276,6 +290,33 @@ async fn stop(node: &Node) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
+/// Generates 32 tokens in `session`, stopping the server named `victim`
+/// (one of `nodes`) after the `at`-th.
+async fn generate_stopping(
+    head: &ClientHead,
+    session: &mut InferenceSession,
+    nodes: &[(&str, Node)],
+    victim: &str,
+    at: usize,
+) -> swarm_shard::GenerationOutput {
+    let victim = nodes
+        .iter()
+        .find(|(name, _)| *name == victim)
+        .map(|(_, node)| node.clone())
+        .unwrap();
+    let handle = tokio::runtime::Handle::current();
+    let mut count = 0;
+    generate(head, None, session, &PROMPT, &options(32), &mut |_| {
+        count += 1;
+        if count == at {
+            tokio::task::block_in_place(|| handle.block_on(stop(&victim)));
+        }
+        Ok(true)
+    })
+    .await
+    .unwrap()
+}
+
 fn short() -> SessionOptions {
     SessionOptions::default().with_max_length(64)
 }
@@ -367,19 +408,16 @@ async fn a_chain_of_servers_generates_what_the_local_model_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_lost_mid_generation_is_replaced_and_nothing_changes() {
-    let mut swarm = Swarm::new("failover").await;
-    let mut nodes = Vec::new();
-    for (i, (name, blocks)) in [
-        ("a1", range(0, 3)),
-        ("a2", range(0, 3)),
-        ("b1", range(3, 6)),
-        ("b2", range(3, 6)),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        nodes.push((name, swarm.server(i as u8 + 1, name, blocks, 4).await));
-    }
+    let (swarm, nodes) = Swarm::with_servers(
+        "failover",
+        &[
+            ("a1", range(0, 3)),
+            ("a2", range(0, 3)),
+            ("b1", range(3, 6)),
+            ("b2", range(3, 6)),
+        ],
+    )
+    .await;
     let client = swarm.client(100).await;
     let head = ClientHead::load(&swarm.files, &Device::Cpu, WeightPrecision::Native).unwrap();
     let want = local_tokens(&swarm.files, 32);
@@ -388,29 +426,7 @@ async fn a_server_lost_mid_generation_is_replaced_and_nothing_changes() {
     let route = session.route();
     assert_eq!(route.len(), 2);
     // Shut down the server of the second hop after 10 tokens.
-    let victim = nodes
-        .iter()
-        .find(|(name, _)| *name == route[1].name)
-        .map(|(_, node)| node.clone())
-        .unwrap();
-    let handle = tokio::runtime::Handle::current();
-    let mut count = 0;
-    let got = generate(
-        &head,
-        None,
-        &mut session,
-        &PROMPT,
-        &options(32),
-        &mut |_| {
-            count += 1;
-            if count == 10 {
-                tokio::task::block_in_place(|| handle.block_on(stop(&victim)));
-            }
-            Ok(true)
-        },
-    )
-    .await
-    .unwrap();
+    let got = generate_stopping(&head, &mut session, &nodes, &route[1].name, 10).await;
     assert_eq!(got.tokens, want, "identical to the uninterrupted run");
     let failovers = session.failovers();
     assert_eq!(failovers.len(), 1, "{failovers:?}");
@@ -451,19 +467,16 @@ async fn a_server_lost_mid_generation_is_replaced_and_nothing_changes() {
 /// tokens are those of the uninterrupted run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_chain_broken_in_the_middle_loses_nothing() {
-    let mut swarm = Swarm::new("push-failover").await;
-    let mut nodes = Vec::new();
-    for (i, (name, blocks)) in [
-        ("a", range(0, 2)),
-        ("b1", range(2, 4)),
-        ("b2", range(2, 4)),
-        ("c", range(4, 6)),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        nodes.push((name, swarm.server(i as u8 + 1, name, blocks, 4).await));
-    }
+    let (swarm, nodes) = Swarm::with_servers(
+        "push-failover",
+        &[
+            ("a", range(0, 2)),
+            ("b1", range(2, 4)),
+            ("b2", range(2, 4)),
+            ("c", range(4, 6)),
+        ],
+    )
+    .await;
     let client = swarm.client(100).await;
     let head = ClientHead::load(&swarm.files, &Device::Cpu, WeightPrecision::Native).unwrap();
     let want = local_tokens(&swarm.files, 32);
@@ -471,29 +484,7 @@ async fn a_push_chain_broken_in_the_middle_loses_nothing() {
     assert!(session.is_pushing());
     let route = session.route();
     assert_eq!(route.len(), 3);
-    let victim = nodes
-        .iter()
-        .find(|(name, _)| *name == route[1].name)
-        .map(|(_, node)| node.clone())
-        .unwrap();
-    let handle = tokio::runtime::Handle::current();
-    let mut count = 0;
-    let got = generate(
-        &head,
-        None,
-        &mut session,
-        &PROMPT,
-        &options(32),
-        &mut |_| {
-            count += 1;
-            if count == 10 {
-                tokio::task::block_in_place(|| handle.block_on(stop(&victim)));
-            }
-            Ok(true)
-        },
-    )
-    .await
-    .unwrap();
+    let got = generate_stopping(&head, &mut session, &nodes, &route[1].name, 10).await;
     assert_eq!(got.tokens, want, "identical to the uninterrupted run");
     let failovers = session.failovers();
     assert_eq!(
@@ -662,19 +653,16 @@ async fn a_hundred_sessions_stay_within_one_servers_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_dropped_by_a_truncation_are_gone_from_every_hop_and_its_replacement() {
-    let mut swarm = Swarm::new("truncate").await;
-    let mut nodes = Vec::new();
-    for (i, (name, blocks)) in [
-        ("a1", range(0, 3)),
-        ("a2", range(0, 3)),
-        ("b1", range(3, 6)),
-        ("b2", range(3, 6)),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        nodes.push((name, swarm.server(i as u8 + 1, name, blocks, 4).await));
-    }
+    let (swarm, nodes) = Swarm::with_servers(
+        "truncate",
+        &[
+            ("a1", range(0, 3)),
+            ("a2", range(0, 3)),
+            ("b1", range(3, 6)),
+            ("b2", range(3, 6)),
+        ],
+    )
+    .await;
     let client = swarm.client(100).await;
     let hidden = swarm.files.config().hidden_size;
     let x = |seed: usize, n: usize| -> Vec<f32> {
