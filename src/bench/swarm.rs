@@ -334,6 +334,9 @@ async fn wan_decode(
 /// Sessions stepping at once on one server.
 const CONCURRENT_SESSIONS: usize = 16;
 
+/// One-token steps each session takes per round.
+const CONCURRENT_STEPS: usize = 16;
+
 /// One server hosting every block, and one-token steps sent to it straight
 /// (no client-side head, so the server's work is all that is timed): one
 /// session's steps per second alone, then the aggregate of 16 sessions
@@ -354,19 +357,23 @@ async fn concurrent_sessions(
     let (node, peer) = (swarm.client.node().clone(), server.node().peer_id());
     let blocks = server.shard().range();
     let hidden = server.shard().config().hidden_size;
-    let steps = settings.new_tokens.max(4);
-    let open = OpenSession {
+    // Few steps a round, so 16 sessions' caches fit a default server's
+    // budget; the first session also runs the lone steps.
+    let steps = CONCURRENT_STEPS;
+    let rounds = settings.repeats.max(1) + 1;
+    let open = |length: usize| OpenSession {
         version: INFER_VERSION,
-        model: id,
+        model: id.clone(),
         blocks,
-        max_length: (8 + 2 * steps * (settings.repeats.max(1) + 1)) as u32,
+        max_length: (8 + length) as u32,
         dtype: Dtype::F16,
         direct: true,
         push: false,
     };
     let mut sessions = Vec::with_capacity(CONCURRENT_SESSIONS);
-    for _ in 0..CONCURRENT_SESSIONS {
-        let mut session = RemoteSession::connect(&node, peer, open.clone()).await?;
+    for i in 0..CONCURRENT_SESSIONS {
+        let length = steps * rounds * if i == 0 { 2 } else { 1 };
+        let mut session = RemoteSession::connect(&node, peer, open(length)).await?;
         session.step(&vec![0.01; 8 * hidden]).await?;
         sessions.push(session);
     }
