@@ -346,6 +346,7 @@ impl InferenceService {
                 state,
                 values,
                 positions,
+                work,
             };
             return self.batches.step(self, job, rows).await;
         }
@@ -358,6 +359,7 @@ impl InferenceService {
                 state,
                 values: chunk.to_vec(),
                 positions: n,
+                work: work / positions.max(1) * n,
             };
             let (done, back) = self.batches.step(self, job, rows).await?;
             state = back;
@@ -383,6 +385,8 @@ struct Job {
     state: Box<dyn SpanState>,
     values: Vec<f32>,
     positions: usize,
+    /// Positions x blocks of the session's span, what the step costs.
+    work: usize,
 }
 
 /// What a waiting step is told: its output, or that it runs the next pass
@@ -526,8 +530,14 @@ async fn run_pass(
     others: Vec<(Job, tokio::sync::oneshot::Sender<Wake>)>,
 ) -> Result<(Stepped, Vec<Woken>), DhtError> {
     if others.is_empty() {
-        let work = job.positions * service.backend.blocks().len() as usize;
-        let out = compute(job.values, job.positions, job.state, &service.pace, work).await?;
+        let out = compute(
+            job.values,
+            job.positions,
+            job.state,
+            &service.pace,
+            job.work,
+        )
+        .await?;
         return Ok((out, Vec::new()));
     }
     let (wakes, mut jobs): (Vec<_>, Vec<_>) = others.into_iter().map(|(j, w)| (w, j)).unzip();
